@@ -1,0 +1,1 @@
+"""Shared plumbing for both workers: settings, wire formats, Kafka, Redis, metrics, tokenizer, images, model."""

@@ -1,0 +1,196 @@
+"""Image fetch (scheme/host policy, byte and time limits) and decode + resize to uint8 224×224×3.
+
+Training and the preprocess worker both call `decode_resize`, so the model sees identical pixels
+in both. JPEGs are decoded by libjpeg-turbo (simplejpeg) straight at a reduced DCT scale — the
+biggest single saving on catalogue photos; other formats go through Pillow with `draft`.
+Dimensions are read from the header and checked before any pixel is decoded (decompression bombs).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from common.errors import ProcessingError
+
+IMAGE_SIZE = 224
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+Image.MAX_IMAGE_PIXELS = None  # our own limit below applies first, with a clear error code
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where images may come from and how much of them we accept."""
+
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https")
+    allowed_hosts: tuple[str, ...] = ()  # empty: any host that passes the address check
+    allow_private_addresses: bool = False  # loopback / private / link-local (SSRF) refused by default
+    file_roots: tuple[str, ...] = ()  # empty: any path; otherwise file:// must resolve inside one
+    max_bytes: int = 10_000_000
+    timeout_s: float = 5.0
+    max_redirects: int = 3
+    max_pixels: int = 40_000_000
+    max_side: int = 12_000
+
+
+# ---------------------------------------------------------------- fetch
+
+
+def image_bytes_from_b64(data: str, policy: FetchPolicy) -> bytes:
+    if len(data) > policy.max_bytes * 4 // 3 + 4:
+        raise ProcessingError("IMAGE_TOO_LARGE", f"inline image over {policy.max_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ProcessingError("BAD_BASE64", f"image_b64 is not valid base64: {e}") from None
+
+
+def fetch_image(url: str, policy: FetchPolicy) -> bytes:
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in policy.allowed_schemes:
+        raise ProcessingError("URL_SCHEME", f"scheme {scheme or '(none)'!r} not allowed")
+    if scheme == "file":
+        return _read_file(urllib.parse.unquote(parsed.path), policy)
+    return _fetch_http(url, policy)
+
+
+def _read_file(path: str, policy: FetchPolicy) -> bytes:
+    real = os.path.realpath(path)
+    if policy.file_roots and not any(
+        real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, policy.file_roots)
+    ):
+        raise ProcessingError("URL_PATH_FORBIDDEN", f"{path} is outside the allowed file roots")
+    try:
+        with open(real, "rb") as f:
+            data = f.read(policy.max_bytes + 1)
+    except OSError as e:
+        raise ProcessingError("URL_FETCH_FAILED", f"cannot read {path}: {e.strerror}") from None
+    if len(data) > policy.max_bytes:
+        raise ProcessingError("IMAGE_TOO_LARGE", f"{path} is over {policy.max_bytes} bytes")
+    return data
+
+
+def _check_host(host: str, port: int, policy: FetchPolicy) -> None:
+    if not host:
+        raise ProcessingError("URL_INVALID", "URL has no host")
+    if policy.allowed_hosts and host.lower() not in policy.allowed_hosts:
+        raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} is not in the allowed hosts")
+    if policy.allow_private_addresses:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ProcessingError("URL_FETCH_FAILED", f"cannot resolve {host}: {e}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not addr.is_global or addr.is_multicast:
+            raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} resolves to non-public address {addr}")
+
+
+def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
+    import http.client
+
+    for _ in range(policy.max_redirects + 1):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme.lower() not in policy.allowed_schemes or parsed.scheme.lower() not in ("http", "https"):
+            raise ProcessingError("URL_SCHEME", f"redirect to scheme {parsed.scheme!r} not allowed")
+        https = parsed.scheme.lower() == "https"
+        try:
+            port = parsed.port or (443 if https else 80)
+        except ValueError:
+            raise ProcessingError("URL_INVALID", f"bad port in {url!r}") from None
+        host = parsed.hostname or ""
+        _check_host(host, port, policy)
+        conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        conn = conn_cls(host, port, timeout=policy.timeout_s)
+        try:
+            path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+            conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                if not location:
+                    raise ProcessingError("URL_FETCH_FAILED", f"redirect without Location from {url}")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if resp.status != 200:
+                raise ProcessingError("URL_FETCH_FAILED", f"HTTP {resp.status} from {url}")
+            length = resp.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                raise ProcessingError("IMAGE_TOO_LARGE", f"Content-Length {length} over {policy.max_bytes}")
+            data = resp.read(policy.max_bytes + 1)
+            if len(data) > policy.max_bytes:
+                raise ProcessingError("IMAGE_TOO_LARGE", f"body over {policy.max_bytes} bytes")
+            return data
+        except (socket.timeout, TimeoutError):
+            raise ProcessingError("URL_TIMEOUT", f"no answer from {host} within {policy.timeout_s}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}") from None
+        finally:
+            conn.close()
+    raise ProcessingError("URL_TOO_MANY_REDIRECTS", f"more than {policy.max_redirects} redirects")
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _check_dimensions(width: int, height: int, policy: FetchPolicy) -> None:
+    if width <= 0 or height <= 0 or width > policy.max_side or height > policy.max_side:
+        raise ProcessingError("IMAGE_DIMENSIONS", f"image is {width}×{height}, limit {policy.max_side} per side")
+    if width * height > policy.max_pixels:
+        raise ProcessingError("IMAGE_DIMENSIONS", f"image has {width * height} pixels, limit {policy.max_pixels}")
+
+
+def decode_resize(data: bytes, policy: FetchPolicy = FetchPolicy()) -> np.ndarray:
+    """Encoded image → uint8 array (224, 224, 3), RGB. Raises ProcessingError on bad input."""
+    if not data:
+        raise ProcessingError("IMAGE_UNDECODABLE", "image is empty")
+    if data[:2] == b"\xff\xd8":
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            pass  # let Pillow try (and name the problem)
+        else:
+            _check_dimensions(width, height, policy)
+            try:
+                # libjpeg-turbo scales in the DCT domain to the smallest size ≥ 224 on both sides
+                rgb = simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", min_height=IMAGE_SIZE, min_width=IMAGE_SIZE, fastdct=True, fastupsample=True
+                )
+            except ValueError:
+                pass
+            else:
+                return _resize(Image.fromarray(rgb))
+    return _decode_with_pillow(data, policy)
+
+
+def _decode_with_pillow(data: bytes, policy: FetchPolicy) -> np.ndarray:
+    try:
+        im = Image.open(io.BytesIO(data))
+        _check_dimensions(*im.size, policy)
+        im.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        im = im.convert("RGB")
+    except ProcessingError:
+        raise
+    except Exception as e:  # Pillow raises many types for corrupt input
+        raise ProcessingError("IMAGE_UNDECODABLE", f"cannot decode image: {type(e).__name__}: {e}") from None
+    return _resize(im)
+
+
+def _resize(im: Image.Image) -> np.ndarray:
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        # whole picture squeezed to a square: catalogue photos are centred, nothing is cropped away
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, reducing_gap=None)
+    arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr)

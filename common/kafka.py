@@ -1,0 +1,163 @@
+"""Kafka plumbing for both workers: client factories, delivery tracking, commit / rewind helpers, topics.
+
+Offsets are stored and committed by hand, only after a batch's outputs are durable (invariant 1).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from common import metrics
+from common.errors import CommitError, DeliveryError
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# partitions cap the replicas of each consumer group (deploy/ documents the same numbers)
+DEFAULT_PARTITIONS = {"topic_raw": 12, "topic_tensors": 6, "topic_results": 6, "topic_dlq": 3}
+
+
+def consumer_config(settings: Settings, group: str, worker: str) -> dict:
+    conf = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": group,
+        "client.id": f"prodcat-{worker}",
+        # we commit explicitly after the outputs of a batch are durable: never on a timer
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # a new group must classify what was published before it joined, not skip it
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(250, settings.session_timeout_ms // 4),
+        # batches are bounded by max_delay_ms and a retry backoff ≤ 5 s, far below this
+        "max.poll.interval.ms": 300_000,
+        # lag comes from librdkafka's statistics (hi_offset − committed), not from broker offset APIs
+        "statistics.interval.ms": 5_000,
+        "stats_cb": lambda stats: metrics.record_kafka_stats(worker, stats),
+        "error_cb": lambda err: _client_error(worker, err),
+    }
+    conf.update(settings.kafka_options())
+    return conf
+
+
+def producer_config(settings: Settings, worker: str) -> dict:
+    conf = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": f"prodcat-{worker}",
+        # retries cannot duplicate or reorder records within a partition
+        "enable.idempotence": True,
+        "acks": "all",
+        # small wait so records of one poll batch travel together
+        "linger.ms": 5,
+        # a delivery that cannot succeed in this time fails the batch (it is then retried from its offsets)
+        "message.timeout.ms": 30_000,
+        "error_cb": lambda err: _client_error(worker, err),
+    }
+    conf.update(settings.kafka_options())  # consumer-only options are ignored by librdkafka with a warning
+    return conf
+
+
+def _client_error(worker: str, err: KafkaError) -> None:
+    metrics.RETRIES.labels(worker, "kafka_client").inc()
+    log.warning("kafka client error: %s", err)
+
+
+def make_producer(settings: Settings, worker: str) -> Producer:
+    return Producer(producer_config(settings, worker))
+
+
+def make_consumer(settings: Settings, group: str, worker: str) -> Consumer:
+    return Consumer(consumer_config(settings, group, worker))
+
+
+class DeliveryTracker:
+    """Counts delivery reports of one batch; `flush` raises DeliveryError unless every record landed."""
+
+    def __init__(self, producer: Producer):
+        self.producer = producer
+        self.pending = 0
+        self.failures: list[str] = []
+
+    def callback(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.failures.append(f"{msg.topic()}: {err.str()}")
+
+    def produce(self, topic: str, value: bytes, key: bytes | str | None, headers: list | None = None) -> None:
+        """Raises KafkaException for a record that can never be sent (e.g. larger than message.max.bytes)."""
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self.callback)
+                break
+            except BufferError:  # local queue full: let deliveries drain, then try again
+                self.producer.poll(0.1)
+        self.pending += 1
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self.producer.flush(timeout_s)
+        failures, pending = self.failures, self.pending
+        self.failures, self.pending = [], 0
+        if failures or pending:
+            raise DeliveryError(f"{len(failures)} failed, {pending} undelivered: {failures[:3]}")
+
+
+def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
+    """Committed offset = last processed + 1, per partition."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def first_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
+    first: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        first[key] = min(first.get(key, m.offset()), m.offset())
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+def commit(consumer: Consumer, messages: list[Message]) -> None:
+    if not messages:
+        return
+    try:
+        consumer.commit(offsets=next_offsets(messages), asynchronous=False)
+    except KafkaException as e:
+        raise CommitError(str(e)) from None
+
+
+def rewind(consumer: Consumer, messages: list[Message]) -> None:
+    """Seek back to the first message of a failed batch so it is consumed again (at-least-once)."""
+    assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+    for tp in first_offsets(messages):
+        if (tp.topic, tp.partition) in assigned:  # a revoked partition resumes from its committed offset elsewhere
+            try:
+                consumer.seek(tp)
+            except KafkaException as e:
+                log.warning("seek %s[%d]@%d failed: %s", tp.topic, tp.partition, tp.offset, e)
+
+
+def create_topics(settings: Settings, partitions: dict | None = None, timeout_s: float = 15.0) -> None:
+    """Create the four topics if absent (idempotent); partition counts by settings field name."""
+    counts = {**DEFAULT_PARTITIONS, **(partitions or {})}
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **_admin_options(settings)})
+    topics = [NewTopic(getattr(settings, field), num_partitions=n, replication_factor=-1) for field, n in counts.items()]
+    for topic, fut in admin.create_topics(topics, request_timeout=timeout_s).items():
+        try:
+            fut.result(timeout=timeout_s)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def _admin_options(settings: Settings) -> dict:
+    return {k: v for k, v in settings.kafka_options().items() if k.startswith(("security.", "sasl.", "ssl."))}
+
+
+def is_benign(err: KafkaError) -> bool:
+    return err.code() == KafkaError._PARTITION_EOF
+

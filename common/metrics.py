@@ -1,0 +1,97 @@
+"""Metric definitions (prefix `prodcat_`) and the /metrics, /healthz, /readyz server.
+
+deploy/ (alerts, recording rules, dashboards) uses exactly these names; change them together.
+Every metric carries `worker` = preprocess | inference, so one query can sum over both groups.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+EVENTS_IN = Counter("prodcat_events_in_total", "Records consumed from the input topic", ["worker"])
+EVENTS_OUT = Counter("prodcat_events_out_total", "Records fully processed (output delivered, offset committable)", ["worker"])
+DEAD_LETTERS = Counter("prodcat_dead_letters_total", "Records sent to the dead-letter topic", ["worker", "code"])
+RETRIES = Counter("prodcat_retries_total", "Dependency failures that were retried (broker, Redis)", ["worker", "kind"])
+DUPLICATES = Counter("prodcat_duplicates_total", "Results rewritten for an input already processed (at-least-once redelivery)", ["worker"])
+COMMITS = Counter("prodcat_commits_total", "Offset commits", ["worker", "reason"])
+REBALANCES = Counter("prodcat_rebalances_total", "Partition assignment changes", ["worker", "kind"])
+BATCH_SIZE = Histogram("prodcat_batch_size", "Items per processed batch", ["worker"], buckets=_BATCH_BUCKETS)
+STAGE_SECONDS = Histogram("prodcat_stage_seconds", "Time per batch spent in one stage", ["worker", "stage"], buckets=_LATENCY_BUCKETS)
+INFERENCE_SECONDS = Histogram(
+    "prodcat_inference_seconds", "ONNX Runtime time per batch", ["worker", "provider", "model_version"], buckets=_LATENCY_BUCKETS
+)
+E2E_SECONDS = Histogram("prodcat_e2e_latency_seconds", "Event time → result written to Redis", ["worker"], buckets=_LATENCY_BUCKETS)
+CONSUMER_LAG = Gauge("prodcat_consumer_lag", "Messages behind the high watermark (librdkafka statistics)", ["worker", "topic", "partition"])
+MODEL_INFO = Gauge("prodcat_model_info", "1 for the model version being served", ["worker", "model_version", "provider"])
+MODEL_RELOADS = Counter("prodcat_model_reloads_total", "Model reload attempts", ["worker", "outcome"])
+READY = Gauge("prodcat_ready", "1 when the worker is consuming and its dependencies answer", ["worker"])
+
+
+class Health:
+    """Liveness = the loop is alive; readiness = assigned + dependencies reachable. Set by the worker loop."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+        self._ready = False
+        self._why = "starting"
+        self.alive = True
+
+    def set_ready(self, ready: bool, why: str = "") -> None:
+        self._ready, self._why = ready, why
+        READY.labels(self.worker).set(1 if ready else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def why(self) -> str:
+        return self._why
+
+
+def serve(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start the HTTP server on a daemon thread; port 0 picks a free one (server.server_port)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            if self.path.startswith("/metrics"):
+                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif self.path.startswith("/healthz"):
+                self._json(200 if health.alive else 503, {"alive": health.alive})
+            elif self.path.startswith("/readyz"):
+                self._json(200 if health.ready else 503, {"ready": health.ready, "why": health.why})
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _json(self, code, obj):
+            self._send(code, json.dumps(obj).encode() + b"\n", "application/json")
+
+        def _send(self, code, body, ctype):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # scrapes every few seconds would flood the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def record_kafka_stats(worker: str, stats_json: str) -> None:
+    """librdkafka `stats_cb`: consumer lag per assigned partition (broker offsets APIs are not trusted)."""
+    stats = json.loads(stats_json)
+    for topic, t in stats.get("topics", {}).items():
+        for pid, p in t.get("partitions", {}).items():
+            if pid == "-1" or p.get("consumer_lag", -1) < 0:
+                continue
+            CONSUMER_LAG.labels(worker, topic, pid).set(p["consumer_lag"])

@@ -1,0 +1,169 @@
+"""Model directory (model.onnx + manifest.json) and the inference contract shared by the inference
+worker, `prodcat predict` and the benchmark: load once, run a batch, one result (or error) per item.
+
+ONNX graph contract (manifest "inputs"/"outputs" repeat it):
+  inputs   token_ids      int64  [B, max_tokens]   0 = padding (the graph derives the mask)
+           image          uint8  [B, 224, 224, 3]  RGB; normalisation happens inside the graph
+           image_present  float32 [B]              1 = real photo, 0 = no photo (image is zeros)
+  outputs  probs          float32 [B, n_labels]    calibrated class probabilities (leaf level)
+           embedding      float32 [B, D]           L2-normalised product embedding
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.images import IMAGE_SHAPE
+from common.tokenize import Tokenizer, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+MANIFEST_FORMAT = "prodcat-model/1"
+
+
+class ModelError(Exception):
+    """The model directory is missing, incomplete or broken; callers keep the model they had."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_version: str
+    labels: tuple[str, ...]
+    parents: dict  # leaf → [parent, grandparent, ...] (leaf excluded), may be empty
+    levels: tuple[str, ...]  # names of the taxonomy levels, root first
+    tokenizer: TokenizerConfig
+    threshold: float  # confidence below this → "uncertain"
+    stand_in: bool  # True for test/benchmark models that were not trained on data
+    raw: dict
+
+    @classmethod
+    def load(cls, model_dir: str) -> "Manifest":
+        path = os.path.join(model_dir, MANIFEST)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read {path}: {e}") from None
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise ModelError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        try:
+            return cls(
+                model_version=str(raw["model_version"]),
+                labels=tuple(raw["labels"]),
+                parents=dict(raw.get("hierarchy", {}).get("parents", {})),
+                levels=tuple(raw.get("hierarchy", {}).get("levels", ())),
+                tokenizer=TokenizerConfig.from_manifest(raw["tokenizer"]),
+                threshold=float(raw.get("threshold", 0.0)),
+                stand_in=bool(raw.get("stand_in", False)),
+                raw=raw,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
+
+
+def choose_providers(preference: str) -> list[str]:
+    """`auto` → TensorRT, CUDA, CPU (those installed); otherwise a comma list, CPU always last."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if preference == "auto":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        wanted = [p if p.endswith("ExecutionProvider") else f"{p}ExecutionProvider" for p in preference.split(",")]
+        wanted.append("CPUExecutionProvider")
+    return list(dict.fromkeys(p for p in wanted if p in available))
+
+
+@dataclass
+class Prediction:
+    category: str
+    confidence: float
+    top_k: list  # [{"category": str, "p": float}]
+    uncertain: bool
+    category_path: list  # leaf → root
+
+
+class Classifier:
+    """One ONNX Runtime session over a model directory."""
+
+    def __init__(self, model_dir: str, providers: str = "auto", intra_op_threads: int = 1, top_k: int = 3):
+        import onnxruntime as ort
+
+        self.model_dir = model_dir
+        self.manifest = Manifest.load(model_dir)
+        self.tokenizer = Tokenizer(self.manifest.tokenizer)
+        self.top_k = top_k
+        opts = ort.SessionOptions()
+        # explicit pools: several worker processes × ORT's default (one thread per core) oversubscribe
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # an absent CUDA library is reported by get_providers(), not by log spam
+        try:
+            self.session = ort.InferenceSession(
+                os.path.join(model_dir, ONNX_FILE), sess_options=opts, providers=choose_providers(providers)
+            )
+        except Exception as e:  # ORT raises its own exception types for bad files
+            raise ModelError(f"cannot load {model_dir}/{ONNX_FILE}: {e}") from None
+        self.providers = self.session.get_providers()
+        self._check_contract()
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0].removesuffix("ExecutionProvider")
+
+    def _check_contract(self) -> None:
+        names = {i.name for i in self.session.get_inputs()}
+        if names != {"token_ids", "image", "image_present"}:
+            raise ModelError(f"model inputs {sorted(names)} do not match the contract")
+        outs = [o.name for o in self.session.get_outputs()]
+        if "probs" not in outs:
+            raise ModelError(f"model outputs {outs} lack 'probs'")
+
+    def warm_up(self) -> None:
+        """One tiny batch so the first real batch does not pay for lazy allocation; also validates."""
+        probs = self.run([np.zeros(0, np.int32)], [None])
+        if probs.shape != (1, len(self.manifest.labels)) or not np.all(np.isfinite(probs)):
+            raise ModelError(f"warm-up produced {probs.shape} / non-finite values")
+
+    def run(self, token_ids: list[np.ndarray], images: list) -> np.ndarray:
+        """Batch of (token ids, uint8 image or None) → probs [B, n_labels]."""
+        batch = len(token_ids)
+        image = np.zeros((batch, *IMAGE_SHAPE), dtype=np.uint8)
+        present = np.zeros(batch, dtype=np.float32)
+        for i, img in enumerate(images):
+            if img is not None:
+                image[i] = img
+                present[i] = 1.0
+        feeds = {"token_ids": self.tokenizer.pad(token_ids), "image": image, "image_present": present}
+        return self.session.run(["probs"], feeds)[0]
+
+    def predictions(self, probs: np.ndarray) -> list[Prediction]:
+        labels = self.manifest.labels
+        k = min(self.top_k, len(labels))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        out = []
+        for row, idx in zip(probs, order):
+            leaf = labels[idx[0]]
+            conf = float(row[idx[0]])
+            out.append(
+                Prediction(
+                    category=leaf,
+                    confidence=conf,
+                    top_k=[{"category": labels[j], "p": round(float(row[j]), 6)} for j in idx],
+                    uncertain=conf < self.manifest.threshold,
+                    category_path=[leaf, *self.manifest.parents.get(leaf, [])],
+                )
+            )
+        return out

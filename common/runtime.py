@@ -1,0 +1,63 @@
+"""Process start-up shared by both workers: logging, SIGTERM → graceful stop, metrics server."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from common import metrics
+from common.metrics import Health
+from common.settings import Settings
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("PRODCAT_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s",
+    )
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop finishes its batch, commits, and leaves the group."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._event.set())
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+
+def start_metrics(worker: str, settings: Settings) -> Health:
+    health = Health(worker)
+    server = metrics.serve(health, settings.metrics_port)
+    logging.getLogger(worker).info("metrics on :%d", server.server_port)
+    return health
+
+
+def worker_main(worker: str, description: str, build, argv: list[str] | None = None) -> int:
+    """Parse flags into Settings, start /metrics, build the worker (`build(settings, stop, health)`), run it."""
+    import argparse
+    import sys
+
+    from common import settings as settings_mod
+    from common.model import ModelError
+
+    parser = argparse.ArgumentParser(prog=f"prodcat {worker}", description=description)
+    settings_mod.add_arguments(parser)
+    settings = settings_mod.load(parser.parse_args(argv))
+    setup_logging()
+    stop = StopFlag()
+    health = start_metrics(worker, settings)
+    try:
+        loop = build(settings, stop, health)
+    except ModelError as e:  # no model to serve: a clear message, not a traceback
+        print(f"{worker}: {e}", file=sys.stderr)
+        return 2
+    loop.run()
+    return 0

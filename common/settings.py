@@ -1,0 +1,92 @@
+"""One frozen settings object per process, from defaults ← env vars (PRODCAT_*) ← CLI flags.
+
+librdkafka options pass through untouched: env `PRODCAT_KAFKA__SECURITY_PROTOCOL=SASL_SSL`
+(double underscore, then `_` → `.`) or flag `--kafka-opt security.protocol=SASL_SSL`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from common.images import FetchPolicy
+
+ENV_PREFIX = "PRODCAT_"
+KAFKA_ENV_PREFIX = "PRODCAT_KAFKA__"
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_raw: str = "products.raw"
+    topic_tensors: str = "products.tensors"
+    topic_results: str = "products.categories"
+    topic_dlq: str = "products.dlq"
+    preprocess_group: str = "prodcat-preprocess"
+    inference_group: str = "prodcat-inference"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "prodcat:product:"
+    metrics_port: int = 9100  # /metrics, /healthz, /readyz; 0 = pick a free port
+    model_dir: str = "models/myntra"
+    providers: str = "auto"  # auto = TensorRT, CUDA, CPU — whichever are installed and work
+    intra_op_threads: int = 1
+    max_batch: int = 64
+    max_delay_ms: float = 20.0
+    poll_batch: int = 256  # preprocess: events taken per poll, then flushed and committed together
+    max_attempts: int = 3  # a dependency failing on one event this many times → dead letter, not a stuck partition
+    model_reload_s: float = 5.0  # how often the inference worker looks for a new model version
+    session_timeout_ms: int = 10_000
+    image_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    kafka: tuple[tuple[str, str], ...] = ()  # extra librdkafka options, passed through
+
+    def kafka_options(self) -> dict[str, str]:
+        return dict(self.kafka)
+
+
+_SIMPLE = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("image_policy", "kafka")}
+_POLICY = {f.name: f for f in dataclasses.fields(FetchPolicy)}
+
+
+def _convert(raw: str, default):
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+    return type(default)(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting as a flag (`--max-batch 32`); image policy as `--image-max-bytes` etc."""
+    for name, f in _SIMPLE.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=f"(env {ENV_PREFIX}{name.upper()}, default {f.default!r})")
+    for name, f in _POLICY.items():
+        parser.add_argument(f"--image-{name.replace('_', '-')}", dest=f"image_{name}", default=None, help=f"(env {ENV_PREFIX}IMAGE_{name.upper()})")
+    parser.add_argument("--kafka-opt", action="append", default=[], metavar="KEY=VALUE", help="librdkafka option passed through (repeatable)")
+
+
+def load(args: argparse.Namespace | None = None, env: dict | None = None, **overrides) -> Settings:
+    """Defaults, then env, then flags, then keyword overrides (tests)."""
+    env = os.environ if env is None else env
+    flags = vars(args) if args is not None else {}
+    base = Settings()
+    values: dict = {}
+    for name in _SIMPLE:
+        raw = flags.get(name) or env.get(f"{ENV_PREFIX}{name.upper()}")
+        if raw is not None:
+            values[name] = _convert(str(raw), getattr(base, name))
+    policy: dict = {}
+    for name in _POLICY:
+        raw = flags.get(f"image_{name}") or env.get(f"{ENV_PREFIX}IMAGE_{name.upper()}")
+        if raw is not None:
+            policy[name] = _convert(str(raw), getattr(base.image_policy, name))
+    kafka = {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(KAFKA_ENV_PREFIX)}
+    for opt in flags.get("kafka_opt") or []:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise SystemExit(f"--kafka-opt wants KEY=VALUE, got {opt!r}")
+        kafka[key.strip()] = value.strip()
+    values["image_policy"] = dataclasses.replace(base.image_policy, **policy)
+    values["kafka"] = tuple(sorted(kafka.items()))
+    values.update(overrides)
+    return dataclasses.replace(base, **values)

@@ -1,0 +1,123 @@
+"""The one tokenizer, used byte for byte by training and by the preprocess worker.
+
+Hangul runs are split into morphemes by a konlpy tagger; Latin words and numbers are
+lower-cased words. The tagger (a JVM) is started lazily on the first Korean name, inside
+the calling process: starting it before a fork hangs the child.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAD_ID = 0
+UNK_ID = 1
+N_SPECIAL = 2  # ids 0 (pad) and 1 (unknown) precede the vocabulary
+
+# a run of Hangul words (spaces inside kept) goes to the tagger in one call: JNI calls are costly
+_HANGUL = re.compile(r"[\uac00-\ud7a3]+(?:\s+[\uac00-\ud7a3]+)*")
+_LATIN_OR_DIGIT = re.compile(r"[a-z]+|[0-9]+")
+_HANGUL_TOKEN = re.compile(r"^[\uac00-\ud7a3]+$")
+
+_taggers: dict[str, object] = {}
+_tagger_lock = threading.Lock()
+
+
+def _tagger(name: str):
+    """One konlpy tagger per process and name, created on first use."""
+    with _tagger_lock:
+        if name not in _taggers:
+            import konlpy.tag  # imported late: it starts a JVM
+
+            cls = {"okt": konlpy.tag.Okt, "komoran": konlpy.tag.Komoran}[name]
+            _taggers[name] = cls()
+        return _taggers[name]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What the manifest stores under "tokenizer"."""
+
+    max_tokens: int = 32
+    korean_tagger: str = "okt"
+    vocab: tuple[str, ...] = field(default=(), repr=False)
+    # unseen tokens are hashed into this many extra ids (after the vocabulary), so
+    # rare words still share a learned embedding instead of all collapsing onto UNK
+    oov_buckets: int = 0
+
+    def to_manifest(self) -> dict:
+        return {
+            "max_tokens": self.max_tokens,
+            "korean_tagger": self.korean_tagger,
+            "oov_buckets": self.oov_buckets,
+            "vocab": list(self.vocab),
+        }
+
+    @classmethod
+    def from_manifest(cls, d: dict) -> "TokenizerConfig":
+        return cls(
+            max_tokens=int(d.get("max_tokens", 32)),
+            korean_tagger=str(d.get("korean_tagger", "okt")),
+            oov_buckets=int(d.get("oov_buckets", 0)),
+            vocab=tuple(d.get("vocab", ())),
+        )
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """crc32 of the settings that decide token ids; travels in tensor records."""
+        return zlib.crc32(json.dumps(self.to_manifest(), ensure_ascii=False).encode("utf-8"))
+
+    @property
+    def n_ids(self) -> int:
+        """Size of the id space the embedding table must cover."""
+        return N_SPECIAL + len(self.vocab) + self.oov_buckets
+
+
+class Tokenizer:
+    def __init__(self, config: TokenizerConfig = TokenizerConfig()):
+        self.config = config
+        self._ids = {tok: i + N_SPECIAL for i, tok in enumerate(config.vocab)}
+
+    def words(self, name: str) -> list[str]:
+        """Name → token strings (Korean morphemes and Latin/number words), in order."""
+        text = unicodedata.normalize("NFKC", name or "").lower()
+        tokens: list[str] = []
+        pos = 0
+        for m in _HANGUL.finditer(text):
+            tokens += _LATIN_OR_DIGIT.findall(text[pos : m.start()])
+            tokens += self._morphemes(m.group())
+            pos = m.end()
+        tokens += _LATIN_OR_DIGIT.findall(text[pos:])
+        return tokens
+
+    def _morphemes(self, hangul: str) -> list[str]:
+        morphs = _tagger(self.config.korean_tagger).morphs(hangul)
+        return [m for m in morphs if _HANGUL_TOKEN.match(m)]
+
+    def token_id(self, token: str) -> int:
+        tid = self._ids.get(token)
+        if tid is not None:
+            return tid
+        if self.config.oov_buckets:
+            bucket = zlib.crc32(token.encode("utf-8")) % self.config.oov_buckets
+            return N_SPECIAL + len(self.config.vocab) + bucket
+        return UNK_ID
+
+    def encode(self, name: str) -> np.ndarray:
+        """Name → int32 ids, at most max_tokens, unpadded (the wire format pads)."""
+        ids = [self.token_id(t) for t in self.words(name)[: self.config.max_tokens]]
+        return np.asarray(ids, dtype=np.int32)
+
+    def pad(self, ids_list: list[np.ndarray]) -> np.ndarray:
+        """Variable-length id arrays → int64 [B, max_tokens], PAD_ID-filled (the model input)."""
+        out = np.full((len(ids_list), self.config.max_tokens), PAD_ID, dtype=np.int64)
+        for row, ids in zip(out, ids_list):
+            row[: len(ids)] = ids[: self.config.max_tokens]
+        return out
+

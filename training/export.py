@@ -1,0 +1,138 @@
+"""Export: the trained net + temperature → one ONNX graph + manifest.json, checked before it is kept.
+
+The directory is assembled beside the target and swapped in at the end, so a reader never sees a
+half-written model. Parity: ONNX Runtime and PyTorch must agree on held-out items (with and without
+a photo, and a nameless one) within PARITY_ATOL on every probability and embedding value.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from common.model import MANIFEST, MANIFEST_FORMAT, ONNX_FILE
+from training.data import read_image
+from training.model import ServingGraph
+
+log = logging.getLogger(__name__)
+PARITY_ATOL = 1e-4
+OPSET = 17
+
+
+class ExportError(Exception):
+    pass
+
+
+def export_onnx(graph: ServingGraph, path: str, max_tokens: int) -> None:
+    inputs = (
+        torch.zeros(2, max_tokens, dtype=torch.int64),
+        torch.zeros(2, 224, 224, 3, dtype=torch.uint8),
+        torch.zeros(2, dtype=torch.float32),
+    )
+    torch.onnx.export(
+        graph, inputs, path, input_names=["token_ids", "image", "image_present"], output_names=["probs", "embedding"],
+        dynamic_axes={n: {0: "batch"} for n in ("token_ids", "image", "image_present", "probs", "embedding")},
+        opset_version=OPSET, dynamo=False,
+    )
+
+
+def parity_feeds(items, tok) -> dict:
+    images, present = np.zeros((len(items), 224, 224, 3), np.uint8), np.zeros(len(items), np.float32)
+    for i, it in enumerate(items):
+        if it.image:
+            images[i], present[i] = read_image(it.image), 1.0
+    return {"token_ids": tok.pad([tok.encode(it.name) for it in items]), "image": images, "image_present": present}
+
+
+def check_parity(graph: ServingGraph, onnx_path: str, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+    ort_probs, ort_emb = sess.run(["probs", "embedding"], feeds)
+    with torch.no_grad():
+        t_probs, t_emb = graph(*(torch.from_numpy(feeds[k]) for k in ("token_ids", "image", "image_present")))
+    diff = {
+        "probs_max_abs_diff": float(np.abs(ort_probs - t_probs.numpy()).max()),
+        "embedding_max_abs_diff": float(np.abs(ort_emb - t_emb.numpy()).max()),
+        "argmax_agree": float((ort_probs.argmax(1) == t_probs.numpy().argmax(1)).mean()),
+        "n_items": int(len(ort_probs)),
+        "tolerance_abs": PARITY_ATOL,
+    }
+    if max(diff["probs_max_abs_diff"], diff["embedding_max_abs_diff"]) > PARITY_ATOL or diff["argmax_agree"] < 1:
+        raise ExportError(f"ONNX Runtime and PyTorch disagree beyond {PARITY_ATOL}: {diff}")
+    return diff
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, config, val_metrics, history,
+                 train_seconds, parity_items, tok) -> dict:
+    out_dir = os.path.abspath(out_dir)
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    graph = ServingGraph(net.eval(), temperature).eval()
+    onnx_path = os.path.join(tmp_dir, ONNX_FILE)
+    export_onnx(graph, onnx_path, tok_cfg.max_tokens)
+    parity = check_parity(graph, onnx_path, parity_feeds(parity_items, tok))
+    log.info("parity ORT vs torch: %s", parity)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    digest = _sha256(onnx_path)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_version": f"{ds.name}-{now:%Y%m%d-%H%M%S}-{digest[:8]}",
+        "created": now.isoformat(timespec="seconds"),
+        "stand_in": False,
+        "dataset": ds.name,
+        "training_data": {"fingerprint_sha256": ds.fingerprint, "files": [os.path.basename(s) for s in ds.sources],
+                          "rows": len(ds.items), "split": "sha1(dataset:id) % 100: <80 train, <90 val, else test"},
+        "labels": list(labels),
+        "hierarchy": {"levels": list(ds.levels), "parents": ds.parents()},
+        "tokenizer": tok_cfg.to_manifest(),
+        "threshold": threshold,
+        "temperature": temperature,
+        "inputs": {
+            "token_ids": {"dtype": "int64", "shape": ["batch", tok_cfg.max_tokens], "note": "0 = padding"},
+            "image": {"dtype": "uint8", "shape": ["batch", 224, 224, 3], "note": "RGB, common.images.decode_resize"},
+            "image_present": {"dtype": "float32", "shape": ["batch"], "note": "1 = photo, 0 = none (image zeros)"},
+        },
+        "outputs": {
+            "probs": {"dtype": "float32", "shape": ["batch", len(labels)], "note": "calibrated (temperature inside)"},
+            "embedding": {"dtype": "float32", "shape": ["batch", config["hidden"]], "note": "L2-normalised"},
+        },
+        "onnx": {"file": ONNX_FILE, "sha256": digest, "opset": OPSET, "parity": parity},
+        "validation": val_metrics,
+        "training": {"seconds": round(train_seconds, 1), "history": history},
+        "config": config,
+    }
+    with open(os.path.join(tmp_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, ensure_ascii=False, indent=1)
+
+    from common.model import Classifier
+
+    Classifier(tmp_dir).warm_up()  # the serving loader accepts it, or we keep the old model
+    _swap_in(tmp_dir, out_dir)
+    return manifest
+
+
+def _swap_in(tmp_dir: str, out_dir: str) -> None:
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
