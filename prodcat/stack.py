@@ -115,6 +115,7 @@ class LocalStack:
     def __init__(self, workdir: str | None = None, session_timeout_ms: int = 6000, **settings_overrides):
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="prodcat-stack-")
+        os.makedirs(self.workdir, exist_ok=True)
         self.session_timeout_ms = session_timeout_ms
         self.settings_overrides = settings_overrides
         self.broker: subprocess.Popen | None = None
@@ -225,3 +226,83 @@ class LocalStack:
                     proc.kill()
         if self._own_dir and not os.environ.get("PRODCAT_KEEP_STACK"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ observing a run
+
+
+def publish(settings: Settings, events: list[tuple[str, bytes]], rate_per_s: float | None = None) -> float:
+    """Produce (key, event bytes) to the raw topic, optionally paced; returns the time the first was sent."""
+    producer = kafka.make_producer(settings, "publisher")
+    start = time.time()
+    for i, (key, value) in enumerate(events):
+        if rate_per_s:
+            delay = start + i / rate_per_s - time.time()
+            if delay > 0:
+                time.sleep(delay)
+        while True:
+            try:
+                producer.produce(settings.topic_raw, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError("publisher could not deliver every event")
+    return start
+
+
+def read_results(r: redis.Redis, settings: Settings, product_ids: list[str]) -> dict[str, dict]:
+    """Results present in Redis for these ids (decoded result v1 objects)."""
+    from common.schemas import result_from_redis_hash
+
+    out = {}
+    for i in range(0, len(product_ids), 1000):
+        chunk = product_ids[i : i + 1000]
+        pipe = r.pipeline(transaction=False)
+        for pid in chunk:
+            pipe.hgetall(f"{settings.redis_key_prefix}{pid}")
+        for pid, fields in zip(chunk, pipe.execute()):
+            if fields:
+                out[pid] = result_from_redis_hash(fields)
+    return out
+
+
+def read_topic(settings: Settings, topic: str, idle_s: float = 2.0, timeout_s: float = 60.0) -> list:
+    """Every record of `topic` from the beginning (all partitions assigned directly, no group join),
+    until nothing new arrives for idle_s."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "prodcat-reader",
+                         "enable.auto.commit": False})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    records, deadline, last = [], time.monotonic() + timeout_s, time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            good = [m for m in consumer.consume(500, timeout=0.2) if m.error() is None]
+            if good:
+                records += good
+                last = time.monotonic()
+    finally:
+        consumer.close()
+    return records
+
+
+def wait_for_outcomes(stack: "LocalStack", product_ids: list[str], expected_dead: int = 0, timeout_s: float = 300.0,
+                      progress=None) -> dict[str, dict]:
+    """Poll Redis until every id that is not expected to dead-letter has a result (or time runs out)."""
+    r = stack.redis()
+    want = len(product_ids) - expected_dead
+    deadline = time.monotonic() + timeout_s
+    results: dict[str, dict] = {}
+    missing = list(product_ids)
+    while time.monotonic() < deadline:
+        results.update(read_results(r, stack.settings, missing))
+        missing = [p for p in missing if p not in results]
+        if progress:
+            progress(len(results))
+        if len(results) >= want:
+            break
+        time.sleep(0.25)
+    return results

@@ -1,0 +1,101 @@
+"""The serving path on a real Tansu broker and a real redis-server, workers as real processes."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+
+from common import schemas
+from prodcat.stack import publish, read_topic, wait_for_outcomes
+from tests.support.events import bad_events, good_events
+
+RESULT_FIELDS = {"schema_version", "product_id", "category", "confidence", "top_k", "uncertain", "category_path",
+                 "model_version", "event_time", "timings", "source"}
+
+
+def _start_both(stack, model, n_pre=1, **kw):
+    workers = [stack.start_worker("preprocess", model, wait_ready=False) for _ in range(n_pre)]
+    workers.append(stack.start_worker("inference", model, wait_ready=False, max_batch=16, max_delay_ms=10, **kw))
+    stack.wait_ready(workers)
+    return workers
+
+
+def test_n_events_give_exactly_n_results_in_redis_and_on_the_topic(stack, tiny_model, sample_jpegs):
+    _start_both(stack, tiny_model)
+    events = good_events(300, sample_jpegs)
+    publish(stack.settings, [(k, v) for k, v, _ in events])
+    results = wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=120)
+    assert len(results) == 300
+    for key, _, expected in events:
+        res = results[key]
+        assert set(res) == RESULT_FIELDS
+        assert res["category"] == expected and not res["uncertain"]
+        assert res["category_path"][0] == expected and len(res["category_path"]) == 3
+        assert res["model_version"] == "tiny-1"
+        assert res["top_k"][0]["category"] == expected and 0 < res["confidence"] <= 1
+        assert res["timings"]["event_to_result_ms"] > 0
+    on_topic = read_topic(stack.settings, stack.settings.topic_results)
+    by_key = {}
+    for m in on_topic:
+        by_key.setdefault(m.key().decode(), []).append(json.loads(m.value()))
+    assert set(by_key) == {k for k, _, _ in events}
+    assert all(by_key[k][-1]["category"] == results[k]["category"] for k in by_key)
+    assert read_topic(stack.settings, stack.settings.topic_dlq, idle_s=0.5) == []
+
+
+def test_bad_events_dead_letter_with_their_reason_and_good_ones_are_classified(stack, tiny_model, sample_jpegs, tmp_path):
+    workers = _start_both(stack, tiny_model)
+    bad = bad_events(str(tmp_path))
+    good = good_events(60, sample_jpegs)
+    mixed = []
+    for i, (k, v, _) in enumerate(good):
+        mixed.append((k, v))
+        if i < len(bad):
+            mixed.append((bad[i][0], bad[i][1]))
+    publish(stack.settings, mixed)
+    results = wait_for_outcomes(stack, [k for k, _, _ in good], timeout_s=120)
+    assert len(results) == len(good)
+    dead = {}
+    deadline = time.monotonic() + 30
+    while len(dead) < len(bad) and time.monotonic() < deadline:
+        dead = {m.key().decode(): schemas.decode_dead_letter(m.value()) for m in read_topic(stack.settings, stack.settings.topic_dlq)}
+    assert {k: d["error_code"] for k, d in dead.items()} == {k: code for k, _, code in bad}
+    for key, payload, _ in bad:
+        assert dead[key]["stage"] == "preprocess" and dead[key]["reason"]
+        assert dead[key]["payload_b64"] == __import__("base64").b64encode(payload).decode()
+    assert all(w.alive() for w in workers)
+    metrics = workers[0].metrics_text()
+    assert 'prodcat_dead_letters_total{code="BAD_JSON",worker="preprocess"} 2.0' in metrics  # b-json, b-empty
+
+
+def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):
+    pre, inf = _start_both(stack, tiny_model)
+    events = good_events(1500, sample_jpegs)
+    keys = [k for k, _, _ in events]
+    publish(stack.settings, [(k, v) for k, v, _ in events[:750]])
+    wait_for_outcomes(stack, keys[:750], expected_dead=700, timeout_s=60)  # some progress, not all
+    pre.signal(signal.SIGKILL)
+    inf.signal(signal.SIGKILL)
+    publish(stack.settings, [(k, v) for k, v, _ in events[750:]])
+    _start_both(stack, tiny_model)
+    results = wait_for_outcomes(stack, keys, timeout_s=180)
+    assert len(results) == len(events), f"lost {len(events) - len(results)}"
+    assert all(results[k]["category"] == expected for k, _, expected in events)
+
+
+def test_sigterm_exits_cleanly_and_health_endpoints_answer(stack, tiny_model, sample_jpegs):
+    pre, inf = _start_both(stack, tiny_model)
+    for w in (pre, inf):
+        with urllib.request.urlopen(f"{w.metrics_url}/healthz") as r:
+            assert json.load(r) == {"alive": True}
+        assert w.ready()
+    events = good_events(100, sample_jpegs)
+    publish(stack.settings, [(k, v) for k, v, _ in events])
+    assert len(wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=60)) == 100
+    text = inf.metrics_text()
+    for name in ("prodcat_events_in_total", "prodcat_events_out_total", "prodcat_batch_size_bucket", "prodcat_e2e_latency_seconds_bucket",
+                 "prodcat_inference_seconds_bucket", 'prodcat_model_info{model_version="tiny-1"'):
+        assert name in text, name
+    assert pre.stop() == 0 and inf.stop() == 0
+    assert "stopped" in pre.log() and "stopped" in inf.log()

@@ -1,0 +1,153 @@
+import base64
+import io
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.errors import ProcessingError
+from common.images import FetchPolicy, decode_resize, fetch_image, image_bytes_from_b64
+
+
+def _encode(size, fmt="JPEG", color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size, fmt", [((800, 800), "JPEG"), ((224, 224), "JPEG"), ((1200, 500), "JPEG"), ((300, 400), "PNG"), ((50, 60), "WEBP")])
+def test_decode_resize_gives_224_rgb(size, fmt):
+    arr = decode_resize(_encode(size, fmt))
+    assert arr.shape == (224, 224, 3) and arr.dtype == np.uint8
+    assert abs(int(arr[112, 112, 0]) - 200) < 8 and abs(int(arr[112, 112, 1]) - 30) < 8
+
+
+def test_real_catalogue_photo(sample_jpegs):
+    with open(sample_jpegs[0], "rb") as f:
+        arr = decode_resize(f.read())
+    assert arr.shape == (224, 224, 3) and arr.std() > 5
+
+
+def test_grayscale_jpeg_becomes_rgb():
+    buf = io.BytesIO()
+    Image.new("L", (300, 300), 128).save(buf, "JPEG")
+    assert decode_resize(buf.getvalue()).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"", "IMAGE_UNDECODABLE"),
+    (b"not an image at all", "IMAGE_UNDECODABLE"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "IMAGE_UNDECODABLE"),
+])
+def test_undecodable(data, code):
+    with pytest.raises(ProcessingError) as e:
+        decode_resize(data)
+    assert e.value.code == code
+
+
+def test_decompression_bomb_refused_before_decoding():
+    bomb = _encode((5000, 5000), "PNG", (0, 0, 0))  # small file, 25 M pixels
+    with pytest.raises(ProcessingError) as e:
+        decode_resize(bomb, FetchPolicy(max_pixels=10_000_000))
+    assert e.value.code == "IMAGE_DIMENSIONS"
+    with pytest.raises(ProcessingError) as e:
+        decode_resize(_encode((3000, 20), "JPEG"), FetchPolicy(max_side=2000))
+    assert e.value.code == "IMAGE_DIMENSIONS"
+
+
+def test_inline_base64():
+    data = _encode((100, 100))
+    assert image_bytes_from_b64(base64.b64encode(data).decode(), FetchPolicy()) == data
+    with pytest.raises(ProcessingError) as e:
+        image_bytes_from_b64("***not base64***", FetchPolicy())
+    assert e.value.code == "BAD_BASE64"
+    with pytest.raises(ProcessingError) as e:
+        image_bytes_from_b64("A" * 4000, FetchPolicy(max_bytes=1000))
+    assert e.value.code == "IMAGE_TOO_LARGE"
+
+
+def test_file_url_limits(tmp_path):
+    p = tmp_path / "a.jpg"
+    p.write_bytes(_encode((100, 100)))
+    assert fetch_image(f"file://{p}", FetchPolicy()) == p.read_bytes()
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(f"file://{p}", FetchPolicy(max_bytes=10))
+    assert e.value.code == "IMAGE_TOO_LARGE"
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(f"file://{p}", FetchPolicy(file_roots=("/nonexistent-root",)))
+    assert e.value.code == "URL_PATH_FORBIDDEN"
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(f"file://{tmp_path}/missing.jpg", FetchPolicy())
+    assert e.value.code == "URL_FETCH_FAILED"
+
+
+@pytest.mark.parametrize("url, code", [
+    ("ftp://example.com/a.jpg", "URL_SCHEME"),
+    ("gopher://x/", "URL_SCHEME"),
+    ("http://127.0.0.1/a.jpg", "URL_HOST_FORBIDDEN"),
+    ("http://localhost/a.jpg", "URL_HOST_FORBIDDEN"),
+    ("http://169.254.169.254/latest/meta-data", "URL_HOST_FORBIDDEN"),
+    ("http://10.0.0.1/a.jpg", "URL_HOST_FORBIDDEN"),
+    ("http://[::1]/a.jpg", "URL_HOST_FORBIDDEN"),
+    ("http:///a.jpg", "URL_INVALID"),
+])
+def test_ssrf_and_scheme_policy(url, code):
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(url, FetchPolicy())
+    assert e.value.code == code
+
+
+def test_host_allow_list():
+    with pytest.raises(ProcessingError) as e:
+        fetch_image("http://images.example.com/a.jpg", FetchPolicy(allowed_hosts=("cdn.example.com",)))
+    assert e.value.code == "URL_HOST_FORBIDDEN"
+
+
+@pytest.fixture
+def http_server():
+    body = _encode((400, 400))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hops = {"/r1": "/r2", "/r2": "/r3", "/r3": "/r4", "/r4": "/img"}
+            if self.path in hops:
+                self.send_response(302)
+                self.send_header("Location", hops[self.path])
+                self.end_headers()
+            elif self.path == "/img":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/slow":
+                threading.Event().wait(3)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", body
+    server.shutdown()
+
+
+def test_http_fetch_redirects_and_limits(http_server):
+    base, body = http_server
+    local = FetchPolicy(allow_private_addresses=True, timeout_s=1.0)
+    assert fetch_image(f"{base}/img", local) == body
+    assert fetch_image(f"{base}/r2", local) == body  # 2 redirects, limit 3
+    for path, policy, code in [
+        ("/r1", local, "URL_TOO_MANY_REDIRECTS"),
+        ("/missing", local, "URL_FETCH_FAILED"),
+        ("/slow", local, "URL_TIMEOUT"),
+        ("/img", FetchPolicy(allow_private_addresses=True, max_bytes=100), "IMAGE_TOO_LARGE"),
+        ("/img", FetchPolicy(), "URL_HOST_FORBIDDEN"),  # loopback refused by default
+    ]:
+        with pytest.raises(ProcessingError) as e:
+            fetch_image(base + path, policy)
+        assert e.value.code == code, path

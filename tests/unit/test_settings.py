@@ -1,0 +1,36 @@
+import argparse
+
+import pytest
+
+from common import settings
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    settings.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_defaults_work_locally():
+    s = settings.load(env={})
+    assert s.bootstrap_servers.startswith("127.0.0.1") and s.max_batch > 0 and s.kafka == ()
+
+
+def test_flags_override_env_and_kafka_passthrough():
+    env = {"PRODCAT_MAX_BATCH": "16", "PRODCAT_MAX_DELAY_MS": "7.5", "PRODCAT_KAFKA__SASL_MECHANISM": "PLAIN",
+           "PRODCAT_IMAGE_ALLOWED_HOSTS": "a.com, b.com", "PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "true"}
+    s = settings.load(_parse(["--max-batch", "32", "--kafka-opt", "security.protocol=SASL_SSL"]), env=env)
+    assert s.max_batch == 32 and s.max_delay_ms == 7.5
+    assert s.kafka_options() == {"sasl.mechanism": "PLAIN", "security.protocol": "SASL_SSL"}
+    assert s.image_policy.allowed_hosts == ("a.com", "b.com") and s.image_policy.allow_private_addresses is True
+
+
+def test_settings_are_frozen():
+    s = settings.load(env={})
+    with pytest.raises(Exception):
+        s.max_batch = 3
+
+
+def test_bad_kafka_opt_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        settings.load(_parse(["--kafka-opt", "nonsense"]), env={})

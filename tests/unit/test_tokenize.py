@@ -1,0 +1,43 @@
+import numpy as np
+
+from common.tokenize import N_SPECIAL, PAD_ID, UNK_ID, Tokenizer, TokenizerConfig
+
+
+def test_latin_words_lowercased_numbers_split():
+    assert Tokenizer().words("Turtle Check Men Navy-Blue SHIRT 2XL") == ["turtle", "check", "men", "navy", "blue", "shirt", "2", "xl"]
+
+
+def test_korean_morphemes_and_latin_in_one_name():
+    words = Tokenizer().words("콜라겐원단 여성브라 Nike 운동화")
+    assert "nike" in words
+    assert "콜라겐" in words and "원단" in words  # a compound split into morphemes
+    assert "여성" in words and "운동화" in words
+    assert all(w.strip() for w in words)
+
+
+def test_fullwidth_and_empty_input():
+    t = Tokenizer()
+    assert t.words("ＮＩＫＥ") == ["nike"]
+    assert t.words("") == [] and t.words(None) == []
+
+
+def test_encode_uses_vocab_unk_and_oov_buckets():
+    cfg = TokenizerConfig(max_tokens=4, vocab=("blue", "shirt"))
+    t = Tokenizer(cfg)
+    assert t.encode("Blue shirt zzz").tolist() == [N_SPECIAL, N_SPECIAL + 1, UNK_ID]
+    hashed = Tokenizer(TokenizerConfig(vocab=("blue",), oov_buckets=10))
+    a, b = hashed.encode("zzz").tolist(), hashed.encode("zzz").tolist()
+    assert a == b and N_SPECIAL + 1 <= a[0] < N_SPECIAL + 11
+
+
+def test_encode_truncates_and_pad_fills():
+    t = Tokenizer(TokenizerConfig(max_tokens=3, vocab=("a",)))
+    ids = t.encode("a a a a a")
+    assert len(ids) == 3 and ids.dtype == np.int32
+    padded = t.pad([ids, np.zeros(0, np.int32)])
+    assert padded.shape == (2, 3) and padded.dtype == np.int64 and (padded[1] == PAD_ID).all()
+
+
+def test_fingerprint_follows_vocabulary():
+    assert TokenizerConfig(vocab=("a",)).fingerprint == TokenizerConfig(vocab=("a",)).fingerprint
+    assert TokenizerConfig(vocab=("a",)).fingerprint != TokenizerConfig(vocab=("b",)).fingerprint
