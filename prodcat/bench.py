@@ -1,0 +1,431 @@
+"""`prodcat bench`: every stage alone, the whole pipeline, and a naive baseline — measured in one run on
+the same machine, with the ratios between them. Not a test: it reports, it does not assert.
+
+Stages (each alone, one process): preprocess per core (file read + decode + resize + tokenize + serialize),
+tokenization, inference vs batch size, tensor records through the broker. End to end: the local stack at
+full load, then paced at ~50 % of that rate. Naive: one process, event → full decode → batch-1 → Redis.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from common import schemas
+from common.images import FetchPolicy, decode_resize
+from common.model import Classifier, Manifest, ModelError
+from common.tokenize import Tokenizer
+from preprocess_worker.transform import preprocess
+
+STAGES = ("preprocess", "tokenize", "inference", "broker", "e2e", "naive", "scaling")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.path.join("models", "myntra"))
+    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
+    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    p.add_argument("--items", type=int, default=2000, help="events per end-to-end run")
+    p.add_argument("--photos", type=int, default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--providers", default="auto")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (inference stage and worker)")
+    p.add_argument("--preprocess-workers", type=int, default=1, help="K preprocess workers in the end-to-end run")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=8.0, help="duration of each timed stage loop")
+    p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def cache_dir() -> str:
+    return os.environ.get("PRODCAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prodcat"))
+
+
+def catalogue_inputs(data_dir: str, n_photos: int) -> list[tuple[str, str, str]]:
+    """(product id, name, path) for real Myntra photos re-encoded as typical catalogue JPEGs (800×800, q90);
+    generated once into the cache."""
+    import csv
+
+    from PIL import Image
+
+    folder = os.path.join(cache_dir(), "bench-jpegs-800")
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    with open(os.path.join(data_dir, "myntra", "products.csv"), newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if not row["image"]:
+                continue
+            dst = os.path.join(folder, f"{row['id']}.jpg")
+            if not os.path.exists(dst):
+                with Image.open(os.path.join(data_dir, "myntra", row["image"])) as im:
+                    im.convert("RGB").resize((800, 800), Image.BICUBIC).save(dst + ".tmp", "JPEG", quality=90)
+                os.replace(dst + ".tmp", dst)
+            out.append((row["id"], row["name"], dst))
+            if len(out) >= n_photos:
+                break
+    return out
+
+
+def events_for(inputs, n: int, prefix: str) -> list[tuple[str, bytes]]:
+    return [(f"{prefix}{i}", schemas.encode_event(f"{prefix}{i}", inputs[i % len(inputs)][1], image_url="file://" + inputs[i % len(inputs)][2]))
+            for i in range(n)]
+
+
+def timed_loop(fn, items: list, seconds: float) -> float:
+    """Items per second of fn(item) over repeated passes for about `seconds` (after one warm-up item)."""
+    fn(items[0])
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for it in items:
+            fn(it)
+        done += len(items)
+    return done / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ stages alone
+
+
+def bench_preprocess(inputs, tokenizer: Tokenizer, seconds: float) -> dict:
+    """The preprocess worker's per-event work on one core: decode event, read file, decode + resize,
+    tokenize, encode the tensor record."""
+    policy = FetchPolicy()
+    payloads = [schemas.encode_event(pid, name, image_url="file://" + path) for pid, name, path in inputs]
+
+    def one(payload: bytes) -> None:
+        event = schemas.decode_event(payload)
+        preprocess(event, tokenizer, policy, event.event_time).encode()
+
+    def decode_only(path: str) -> None:
+        with open(path, "rb") as f:
+            decode_resize(f.read())
+
+    return {
+        "preprocess_items_per_s_per_core": round(timed_loop(one, payloads, seconds), 1),
+        "decode_resize_per_s": round(timed_loop(decode_only, [p for _, _, p in inputs], seconds / 2), 1),
+    }
+
+
+def bench_tokenize(inputs, tokenizer: Tokenizer, data_dir: str, seconds: float) -> dict:
+    import csv
+
+    latin = [name for _, name, _ in inputs]
+    korean = []
+    path = os.path.join(data_dir, "kr_shop", "titles.csv")
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            korean = [r["name"] for _, r in zip(range(1000), csv.DictReader(f))]
+    out = {"tokenize_latin_per_s": round(timed_loop(tokenizer.encode, latin, seconds / 2), 1)}
+    if korean:
+        out["tokenize_korean_per_s"] = round(timed_loop(tokenizer.encode, korean, seconds / 2), 1)
+    return out
+
+
+def preprocessed_records(inputs, tokenizer: Tokenizer) -> list[schemas.TensorRecord]:
+    policy = FetchPolicy()
+    return [preprocess(schemas.decode_event(schemas.encode_event(pid, name, image_url="file://" + path)), tokenizer, policy, 0.0)
+            for pid, name, path in inputs]
+
+
+def bench_inference(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float) -> dict:
+    clf = Classifier(model_dir, providers, threads)
+    clf.warm_up()
+    per_batch = {}
+    for b in batches:
+        chunks = [records[i : i + b] for i in range(0, max(len(records) - b + 1, 1), b)] or [records[:b]]
+        chunks = [c if len(c) == b else (c * b)[:b] for c in chunks]
+
+        def run(chunk):
+            clf.run([r.token_ids for r in chunk], [r.image for r in chunk])
+
+        run(chunks[0])  # per-shape warm-up (TensorRT/CUDA build their kernels on the first run)
+        per_batch[b] = round(timed_loop(run, chunks, seconds / len(batches) + 1) * b, 1)
+        log(f"inference batch {b:4d}: {per_batch[b]} items/s ({clf.provider}, {threads} threads)")
+    best = max(per_batch, key=per_batch.get)
+    return {"inference_provider": clf.provider, "inference_threads": threads, "inference_items_per_s": per_batch,
+            "inference_items_per_s_best": per_batch[best], "best_batch": best}
+
+
+def bench_broker(records, seconds: float) -> dict:
+    """Tensor records (≈150 KB) through the real broker: produce rate, then consume rate."""
+    from prodcat.stack import LocalStack, read_topic
+
+    payloads = [r.encode() for r in records]
+    with LocalStack() as stack:
+        stack.create_topics()
+        from common import kafka
+
+        producer = kafka.make_producer(stack.settings, "bench")
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            for p in payloads:
+                while True:
+                    try:
+                        producer.produce(stack.settings.topic_tensors, p)
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+            n += len(payloads)
+        producer.flush(60)
+        produce_rate = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        got = read_topic(stack.settings, stack.settings.topic_tensors, idle_s=1.0, timeout_s=120)
+        consume_rate = len(got) / max(1e-6, time.perf_counter() - start - 1.0)
+    return {"broker_tensor_produce_per_s": round(produce_rate, 1), "broker_tensor_consume_per_s": round(consume_rate, 1),
+            "tensor_record_bytes": len(payloads[0])}
+
+
+# ------------------------------------------------------------------ whole pipeline
+
+
+def _percentiles(values) -> dict:
+    v = np.asarray(values, dtype=float) if len(values) else np.zeros(1)
+    return {f"p{q}_ms": round(float(np.percentile(v, q)), 1) for q in (50, 95, 99)}
+
+
+def _measure_run(stack, events, rate=None, timeout_s=600.0) -> dict:
+    from prodcat.stack import publish, wait_for_outcomes
+
+    ids = [k for k, _ in events]
+    start = publish(stack.settings, events, rate_per_s=rate)
+    results = wait_for_outcomes(stack, ids, timeout_s=timeout_s)
+    finish = max((r["event_time"] + r["timings"]["event_to_result_ms"] / 1000 for r in results.values()), default=start)
+    latencies = [r["timings"]["event_to_result_ms"] for r in results.values()]
+    return {"items": len(events), "results": len(results), "lost": len(events) - len(results),
+            "items_per_s": round(len(results) / max(1e-6, finish - start), 1), **_percentiles(latencies)}, latencies
+
+
+def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str) -> dict:
+    from prodcat.stack import LocalStack
+
+    with LocalStack() as stack:
+        stack.create_topics()
+        workers = [stack.start_worker("preprocess", model_dir, wait_ready=False) for _ in range(k)]
+        workers.append(stack.start_worker("inference", model_dir, wait_ready=False, max_batch=max_batch,
+                                          max_delay_ms=max_delay_ms, intra_op_threads=threads, providers=providers))
+        stack.wait_ready(workers, timeout_s=120)
+        _measure_run(stack, events_for(inputs, 50, "warm"))  # JIT paths, page cache, group settled
+        full, full_lat = _measure_run(stack, events_for(inputs, n, "full"))
+        log(f"end to end, full load: {full}")
+        rate = full["items_per_s"] * 0.5
+        half, half_lat = _measure_run(stack, events_for(inputs, max(200, int(rate * 20)), "half"), rate=rate)
+        log(f"end to end, paced at {rate:.0f}/s: {half}")
+    return {"e2e_full": full, "e2e_half": {**half, "offered_per_s": round(rate, 1)},
+            "latencies_ms": {"full load": full_lat, "50 % load": half_lat}}
+
+
+def bench_naive(model_dir: str, inputs, n: int) -> dict:
+    """The service without the Kafka split, as a first version would be written: one process, one event at a
+    time — consume, full-resolution decode, batch-1 inference (ORT default threads), Redis write."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from PIL import Image
+
+    from common.images import fetch_image
+    from prodcat.stack import LocalStack, publish
+
+    clf = Classifier(model_dir, "CPU", intra_op_threads=0)  # 0 = ORT's default pool (one thread per core)
+    events = events_for(inputs, n, "naive")
+    with LocalStack() as stack:
+        stack.create_topics({"topic_raw": 1})
+        publish(stack.settings, events)
+        r = stack.redis()
+        consumer = Consumer({"bootstrap.servers": stack.settings.bootstrap_servers, "group.id": "naive", "enable.auto.commit": False})
+        consumer.assign([TopicPartition(stack.settings.topic_raw, 0, OFFSET_BEGINNING)])
+        done, start = 0, time.perf_counter()
+        while done < n:
+            msg = consumer.poll(5.0)
+            if msg is None:
+                break
+            event = schemas.decode_event(msg.value())
+            with Image.open(io.BytesIO(fetch_image(event.image_url, FetchPolicy()))) as im:
+                image = np.asarray(im.convert("RGB").resize((224, 224), Image.BILINEAR))
+            probs = clf.run([clf.tokenizer.encode(event.name)], [image])
+            pred = clf.predictions(probs)[0]
+            r.hset(f"naive:{event.product_id}", mapping={"category": pred.category, "confidence": pred.confidence})
+            done += 1
+        elapsed = time.perf_counter() - start
+        consumer.close()
+    return {"naive_items_per_s": round(done / elapsed, 1), "naive_items": done}
+
+
+def _counter_sum(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def bench_scaling(model_dir: str, inputs, n: int) -> dict:
+    """Preprocess workers alone through the broker, 1 then 2 replicas: events/s until all are out."""
+    from prodcat.stack import LocalStack, publish
+
+    out = {}
+    for k in (1, 2):
+        with LocalStack() as stack:
+            stack.create_topics()
+            workers = [stack.start_worker("preprocess", model_dir, wait_ready=False) for _ in range(k)]
+            stack.wait_ready(workers, timeout_s=120)
+            start = publish(stack.settings, events_for(inputs, n, f"s{k}-"))
+            while sum(_counter_sum(w.metrics_text(), "prodcat_events_out_total") for w in workers) < n:
+                time.sleep(0.05)
+            out[k] = round(n / (time.time() - start), 1)
+        log(f"preprocess through the broker, {k} replica(s): {out[k]} items/s")
+    return {"preprocess_replicas_items_per_s": out, "preprocess_scaling_1_to_2": round(out[2] / out[1], 2)}
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine_info() -> dict:
+    import confluent_kafka
+    import onnxruntime
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "librdkafka": confluent_kafka.libversion()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def derive(fig: dict) -> dict:
+    """Ratios: the pipeline against the bound its own stage rates set for these cores, and against naive."""
+    out = {}
+    cores = fig["machine"]["cpu_count"]
+    if "preprocess_items_per_s_per_core" in fig and "inference_items_per_s_per_core" in fig:
+        core_s_per_item = 1 / fig["preprocess_items_per_s_per_core"] + 1 / fig["inference_items_per_s_per_core"]
+        out["bound_items_per_s"] = round(cores / core_s_per_item, 1)
+    if "e2e_full" in fig:
+        out["e2e_items_per_s"] = fig["e2e_full"]["items_per_s"]
+        out["p99_ms_half_load"] = fig["e2e_half"]["p99_ms"]
+        out["lost"] = fig["e2e_full"]["lost"] + fig["e2e_half"]["lost"]
+        if "bound_items_per_s" in out:
+            out["pipeline_efficiency"] = round(out["e2e_items_per_s"] / out["bound_items_per_s"], 3)
+        if "naive_items_per_s" in fig:
+            out["speedup_vs_naive"] = round(out["e2e_items_per_s"] / fig["naive_items_per_s"], 2)
+    return out
+
+
+def plots(fig: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if "inference_items_per_s" in fig:
+        b = sorted(int(x) for x in fig["inference_items_per_s"])
+        plt.figure(figsize=(5, 3.5))
+        plt.plot(b, [fig["inference_items_per_s"][k] for k in b], "o-")
+        plt.xscale("log", base=2)
+        plt.xlabel("batch size")
+        plt.ylabel("items/s")
+        plt.title(f"inference, {fig['inference_provider']} × {fig['inference_threads']} threads")
+        plt.grid(alpha=0.3)
+        files.append(os.path.join(out_dir, "throughput_vs_batch.png"))
+        plt.tight_layout()
+        plt.savefig(files[-1], dpi=110)
+        plt.close()
+    if "latencies_ms" in fig:
+        plt.figure(figsize=(5, 3.5))
+        for label, lat in fig["latencies_ms"].items():
+            plt.hist(lat, bins=50, alpha=0.6, label=label)
+        plt.xlabel("event → result (ms)")
+        plt.ylabel("items")
+        plt.legend()
+        files.append(os.path.join(out_dir, "latency_distribution.png"))
+        plt.tight_layout()
+        plt.savefig(files[-1], dpi=110)
+        plt.close()
+    return files
+
+
+SUMMARY_KEYS = ("preprocess_items_per_s_per_core", "inference_items_per_s_best", "best_batch", "e2e_items_per_s",
+                "pipeline_efficiency", "naive_items_per_s", "speedup_vs_naive", "p99_ms_half_load", "lost")
+
+
+def markdown(fig: dict) -> str:
+    rows = [("preprocess, 1 core (800×800 JPEG → record)", fig.get("preprocess_items_per_s_per_core"), "items/s"),
+            ("decode + resize alone, 1 core", fig.get("decode_resize_per_s"), "images/s"),
+            ("tokenize Latin names / Korean titles", f"{fig.get('tokenize_latin_per_s')} / {fig.get('tokenize_korean_per_s')}", "names/s"),
+            *[(f"inference batch {b} ({fig.get('inference_provider')}, {fig.get('inference_threads')} thr)", v, "items/s")
+              for b, v in fig.get("inference_items_per_s", {}).items()],
+            ("inference per core (best batch, 1 thread)", fig.get("inference_items_per_s_per_core"), "items/s"),
+            ("tensor records through broker: produce / consume", f"{fig.get('broker_tensor_produce_per_s')} / {fig.get('broker_tensor_consume_per_s')}", "records/s"),
+            ("preprocess via broker, 1 → 2 replicas", fig.get("preprocess_replicas_items_per_s"), "items/s"),
+            ("bound from stage rates on all cores", fig.get("bound_items_per_s"), "items/s"),
+            ("**end to end, full load**", fig.get("e2e_items_per_s"), "items/s"),
+            ("end to end latency at full load p50 / p95 / p99", _lat(fig.get("e2e_full")), "ms"),
+            ("end to end latency at 50 % load p50 / p95 / p99", _lat(fig.get("e2e_half")), "ms"),
+            ("naive single process", fig.get("naive_items_per_s"), "items/s"),
+            ("pipeline efficiency (e2e ÷ bound)", fig.get("pipeline_efficiency"), ""),
+            ("speed-up over naive", fig.get("speedup_vs_naive"), "×"),
+            ("lost during the benchmark", fig.get("lost"), "items")]
+    lines = ["| figure | value | unit |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {unit} |" for name, value, unit in rows if value not in (None, "None / None")]
+    return "\n".join(lines) + "\n"
+
+
+def _lat(run: dict | None):
+    return None if not run else f"{run['p50_ms']} / {run['p95_ms']} / {run['p99_ms']}"
+
+
+def run(args: argparse.Namespace) -> int:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        print(f"prodcat bench: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    try:
+        manifest = Manifest.load(args.model)
+    except ModelError as e:
+        print(f"prodcat bench: {e} (build one with `prodcat train` or run `prodcat demo` first)", file=sys.stderr)
+        return 2
+    if not os.path.isdir(os.path.join(args.data_dir, "myntra")):
+        print(f"prodcat bench: {args.data_dir}/myntra not found", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    tokenizer = Tokenizer(manifest.tokenizer)
+    log(f"model {manifest.model_version}; generating/reading {args.photos} catalogue JPEGs (800×800, q90)")
+    inputs = catalogue_inputs(args.data_dir, args.photos)
+    fig: dict = {"machine": machine_info(), "model_version": manifest.model_version,
+                 "settings": {k: v for k, v in vars(args).items() if k != "run"}}
+    if "preprocess" in stages:
+        fig.update(bench_preprocess(inputs, tokenizer, args.seconds))
+        log(f"preprocess: {fig['preprocess_items_per_s_per_core']} items/s on one core")
+    if "tokenize" in stages:
+        fig.update(bench_tokenize(inputs, tokenizer, args.data_dir, args.seconds))
+    records = preprocessed_records(inputs[:256], tokenizer) if {"inference", "broker"} & set(stages) else []
+    if "inference" in stages:
+        fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds))
+        one = bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2)
+        fig["inference_items_per_s_per_core"] = one["inference_items_per_s_best"]
+    if "broker" in stages:
+        fig.update(bench_broker(records, args.seconds))
+    if "scaling" in stages:
+        fig.update(bench_scaling(args.model, inputs, args.items))
+    if "e2e" in stages:
+        fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
+                             args.max_delay_ms, args.providers))
+    if "naive" in stages:
+        fig.update(bench_naive(args.model, inputs, min(args.items, 600)))
+    fig.update(derive(fig))
+    fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
+    latencies = fig.pop("latencies_ms", None)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(fig, f, indent=2)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(markdown(fig))
+    print(markdown(fig))
+    if latencies is not None:
+        np.savez_compressed(os.path.join(args.out, "latencies.npz"), **{k.replace(" ", "_"): v for k, v in latencies.items()})
+    if args.json:
+        print(json.dumps({k: fig.get(k) for k in SUMMARY_KEYS}))
+    return 0
