@@ -158,6 +158,38 @@ def _admin_options(settings: Settings) -> dict:
     return {k: v for k, v in settings.kafka_options().items() if k.startswith(("security.", "sasl.", "ssl."))}
 
 
-def is_benign(err: KafkaError) -> bool:
-    return err.code() == KafkaError._PARTITION_EOF
+def records(worker: str, messages: list[Message]) -> list[Message]:
+    """The messages that carry records; consumer errors are counted and logged (librdkafka retries them)."""
+    out = []
+    for m in messages:
+        err = m.error()
+        if err is None:
+            out.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            metrics.RETRIES.labels(worker, "consume").inc()
+            log.warning("%s: consume error: %s", worker, err)
+    return out
 
+
+
+def source_of(msg: Message) -> dict:
+    return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+
+
+def send_dead_letter(deliveries: DeliveryTracker, topic: str, worker: str, msg: Message, error, product_id: str | None) -> None:
+    """Dead letter v1 for `msg`, delivered (and so committed) with the rest of its batch."""
+    from common import schemas
+
+    metrics.DEAD_LETTERS.labels(worker, error.code).inc()
+    log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
+    deliveries.produce(topic, schemas.dead_letter(worker, error, msg.value(), source_of(msg), product_id), msg.key())
+
+
+def note_rebalance(worker: str, kind: str, partitions: list[TopicPartition]) -> None:
+    """Count an assign / revoke / lost and drop the lag series of partitions this worker no longer owns
+    (a stale lag value would otherwise hold a lag alert up)."""
+    metrics.REBALANCES.labels(worker, kind).inc()
+    if kind != "assign":
+        for tp in partitions:
+            metrics.forget_lag(worker, tp.topic, tp.partition)
+    (log.warning if kind == "lost" else log.info)("%s: %s %s", worker, kind, [tp.partition for tp in partitions])

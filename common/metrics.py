@@ -30,6 +30,15 @@ E2E_SECONDS = Histogram("prodcat_e2e_latency_seconds", "Event time → result wr
 CONSUMER_LAG = Gauge("prodcat_consumer_lag", "Messages behind the high watermark (librdkafka statistics)", ["worker", "topic", "partition"])
 MODEL_INFO = Gauge("prodcat_model_info", "1 for the model version being served", ["worker", "model_version", "provider"])
 MODEL_RELOADS = Counter("prodcat_model_reloads_total", "Model reload attempts", ["worker", "outcome"])
+PAUSED = Gauge("prodcat_paused", "1 while consumption is paused because a dependency (Redis, broker) failed", ["worker"])
+RECOVERY_SECONDS = Histogram(
+    "prodcat_recovery_seconds", "First failed checkpoint → next successful one (dependency outage)", ["worker"],
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+TOKENIZER_MISMATCHES = Counter(
+    "prodcat_tokenizer_mismatch_total", "Tensor records tokenized with another vocabulary than the served model's",
+    ["worker", "outcome"],
+)
 READY = Gauge("prodcat_ready", "1 when the worker is consuming and its dependencies answer", ["worker"])
 
 
@@ -95,3 +104,10 @@ def record_kafka_stats(worker: str, stats_json: str) -> None:
             if pid == "-1" or p.get("consumer_lag", -1) < 0:
                 continue
             CONSUMER_LAG.labels(worker, topic, pid).set(p["consumer_lag"])
+
+
+def forget_lag(worker: str, topic: str, partition: int) -> None:
+    try:
+        CONSUMER_LAG.remove(worker, topic, str(partition))
+    except KeyError:
+        pass

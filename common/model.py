@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,3 +168,44 @@ class Classifier:
                 )
             )
         return out
+
+
+def _signature(model_dir: str) -> tuple:
+    """Changes whenever either file is replaced or rewritten."""
+    sig = []
+    for name in (MANIFEST, ONNX_FILE):
+        try:
+            st = os.stat(os.path.join(model_dir, name))
+            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            sig.append(None)
+    return tuple(sig)
+
+
+class DirWatch:
+    """Notices a changed model directory, looking at most every `interval_s` (or now, when forced).
+    Shared by the inference worker (model) and the preprocess workers (tokenizer)."""
+
+    def __init__(self, model_dir: str, interval_s: float):
+        self.model_dir = model_dir
+        self.interval_s = interval_s
+        self.signature = _signature(model_dir)
+        self._next_check = time.monotonic() + interval_s
+
+    def changed(self, force: bool = False) -> bool:
+        """True once per change; a version rejected by the caller is therefore not retried in a loop."""
+        if not force and time.monotonic() < self._next_check:
+            return False
+        self._next_check = time.monotonic() + self.interval_s
+        sig = _signature(self.model_dir)
+        if sig == self.signature:
+            return False
+        self.signature = sig
+        return True
+
+    def still_same(self) -> bool:
+        """False when the directory changed again while it was being loaded: load it again at the next check."""
+        if _signature(self.model_dir) == self.signature:
+            return True
+        self.signature = None
+        return False

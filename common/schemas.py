@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import ProcessingError
-from common.images import IMAGE_SHAPE
+from common.images import IMAGE_SHAPE, FetchPolicy
 
 EVENT_VERSION = 1
 TENSOR_VERSION = 1
@@ -33,6 +33,11 @@ MAX_ID_CHARS = 256
 MAX_ATTRIBUTES_BYTES = 16_000
 
 # ---------------------------------------------------------------- product event v1
+
+
+def max_event_bytes(policy: FetchPolicy) -> int:
+    """The largest legitimate event: its largest inline image (base64) plus the capped fields, and JSON slack."""
+    return min(MAX_EVENT_BYTES, policy.max_bytes * 4 // 3 + 4 * (MAX_NAME_CHARS + MAX_ID_CHARS) + MAX_ATTRIBUTES_BYTES + 65_536)
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,12 @@ def _field(obj: dict, key: str, kind: type | tuple, required: bool = False):
     return value
 
 
-def decode_event(payload: bytes | None) -> ProductEvent:
+def decode_event(payload: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> ProductEvent:
+    """`max_bytes`: see max_event_bytes; checked before anything is parsed."""
     if payload is None:
         raise ProcessingError("EMPTY_PAYLOAD", "record has no value (tombstone?)")
-    if len(payload) > MAX_EVENT_BYTES:
-        raise ProcessingError("EVENT_TOO_LARGE", f"event is {len(payload)} bytes, limit {MAX_EVENT_BYTES}")
+    if len(payload) > max_bytes:
+        raise ProcessingError("EVENT_TOO_LARGE", f"event is {len(payload)} bytes, limit {max_bytes}")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -1,38 +1,34 @@
 """The served model, and its hot reload: a new version is loaded and warmed up beside the old one and
-swapped in between batches (never mid-batch); a broken one is rejected and the old one keeps serving."""
+swapped in between batches (never mid-batch); a broken one is rejected and the old one keeps serving.
+
+Vocabulary changes: tensor records carry the fingerprint of the vocabulary that tokenized them. When a
+reload changes it, the replaced model is kept as `previous`, so records preprocessed before the preprocess
+workers picked up the new vocabulary are still read by the model that knows their token ids. A record of a
+vocabulary neither model knows triggers an immediate look at the model directory (the preprocess workers
+may have seen the new version first); if still unknown, the caller dead-letters it.
+
+Deploy a new version by swapping the model directory atomically (a symlink, as Kubernetes volumes do):
+common.model.DirWatch sees both files change at once.
+"""
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 from common import metrics
-from common.model import MANIFEST, ONNX_FILE, Classifier, ModelError
+from common.model import Classifier, DirWatch, ModelError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _signature(model_dir: str) -> tuple:
-    """Changes whenever either file is replaced or rewritten."""
-    sig = []
-    for name in (MANIFEST, ONNX_FILE):
-        try:
-            st = os.stat(os.path.join(model_dir, name))
-            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            sig.append(None)
-    return tuple(sig)
 
 
 class ModelHolder:
     def __init__(self, settings: Settings, worker: str):
         self.settings = settings
         self.worker = worker
-        self._signature = _signature(settings.model_dir)
+        self.watch = DirWatch(settings.model_dir, settings.model_reload_s)
         self.current = self._load()  # at start-up a broken model is fatal: there is nothing to serve
+        self.previous: Classifier | None = None  # the model replaced by one with another vocabulary
         self._publish(self.current)
-        self._next_check = time.monotonic() + settings.model_reload_s
 
     def _load(self) -> Classifier:
         clf = Classifier(self.settings.model_dir, self.settings.providers, self.settings.intra_op_threads)
@@ -42,24 +38,38 @@ class ModelHolder:
     def _publish(self, clf: Classifier) -> None:
         metrics.MODEL_INFO.clear()
         metrics.MODEL_INFO.labels(self.worker, clf.version, clf.provider).set(1)
-        log.info("serving model %s (%s) on %s", clf.version, self.settings.model_dir, clf.providers)
+        log.info("serving model %s (%s) on %s, vocabulary %08x", clf.version, self.settings.model_dir, clf.providers,
+                 clf.tokenizer.config.fingerprint)
 
-    def maybe_reload(self) -> bool:
-        """Called between batches; True when a new model was swapped in."""
-        if time.monotonic() < self._next_check:
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Called between batches (or forced by an unknown vocabulary); True when a new model was swapped in."""
+        if not self.watch.changed(force):
             return False
-        self._next_check = time.monotonic() + self.settings.model_reload_s
-        sig = _signature(self.settings.model_dir)
-        if sig == self._signature:
-            return False
-        self._signature = sig
         try:
             candidate = self._load()
         except (ModelError, OSError) as e:
             metrics.MODEL_RELOADS.labels(self.worker, "rejected").inc()
             log.error("new model rejected, still serving %s: %s", self.current.version, e)
             return False
+        if not self.watch.still_same():
+            log.warning("model directory changed while loading %s; loading it again", candidate.version)
+            return False
+        if candidate.tokenizer.config.fingerprint != self.current.tokenizer.config.fingerprint:
+            self.previous = self.current
         self.current = candidate
         metrics.MODEL_RELOADS.labels(self.worker, "loaded").inc()
         self._publish(candidate)
         return True
+
+    def for_vocabulary(self, fingerprint: int) -> Classifier | None:
+        """The model that reads token ids of this vocabulary, or None."""
+        for attempt in range(2):
+            if fingerprint == self.current.tokenizer.config.fingerprint:
+                return self.current
+            if self.previous is not None and fingerprint == self.previous.tokenizer.config.fingerprint:
+                metrics.TOKENIZER_MISMATCHES.labels(self.worker, "previous_model").inc()
+                return self.previous
+            if attempt == 0 and not self.maybe_reload(force=True):
+                break
+        metrics.TOKENIZER_MISMATCHES.labels(self.worker, "dead_letter").inc()
+        return None

@@ -1,5 +1,6 @@
 """The inference loop, top to bottom: poll → batch (size | deadline) → decode → infer → produce →
-checkpoint (flush → Redis → commit). A revoke finishes the pending batch first; a lost partition drops it."""
+checkpoint (flush → Redis → commit). A revoke finishes the pending batch first; a lost partition drops it.
+A failed checkpoint pauses consumption until Redis answers a PING again (Checkpoint.hold)."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,6 @@ from common.settings import Settings
 from gpu_worker.batcher import BatchQueue
 from gpu_worker.model_holder import ModelHolder
 from gpu_worker.sink import RedisSink
-from preprocess_worker.worker import source_of
 
 WORKER = "inference"
 log = logging.getLogger(WORKER)
@@ -30,7 +30,7 @@ class InferenceWorker:
         self.sink = RedisSink(settings.redis_url, settings.redis_key_prefix)
         self.consumer = kafka.make_consumer(settings, settings.inference_group, WORKER)
         self.deliveries = kafka.DeliveryTracker(kafka.make_producer(settings, WORKER))
-        self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
+        self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health, probe=self.sink.ping)
         self.pending: BatchQueue[Message] = BatchQueue(settings.max_batch, settings.max_delay_ms / 1000.0)
 
     def run(self) -> None:
@@ -38,14 +38,12 @@ class InferenceWorker:
                                 on_lost=self._on_lost)
         try:
             while not self.stop:
+                if self.checkpoint.hold():  # a dependency is down: paused until it answers again
+                    continue
                 wait = self.pending.time_left()
                 messages = self.consumer.consume(max(1, self.pending.room), timeout=0.5 if wait is None else wait)  # 1
-                for msg in messages:
-                    if msg.error() is None:
-                        self.pending.add(msg)  # 2. batch
-                    elif not kafka.is_benign(msg.error()):
-                        metrics.RETRIES.labels(WORKER, "consume").inc()
-                        log.warning("consume error: %s", msg.error())
+                for msg in kafka.records(WORKER, messages):
+                    self.pending.add(msg)  # 2. batch
                 if self.pending.ready():
                     self.process(self.pending.take())
                 elif not len(self.pending):
@@ -60,22 +58,25 @@ class InferenceWorker:
     def process(self, messages: list[Message]) -> None:
         metrics.EVENTS_IN.labels(WORKER).inc(len(messages))
         metrics.BATCH_SIZE.labels(WORKER).observe(len(messages))
-        records, good_msgs = [], []
-        for msg in messages:  # 3. decode
+        batches: dict[int, tuple] = {}  # one ONNX batch per model: no batch mixes two models
+        for msg in messages:  # 3. decode, and pick the model that knows the record's vocabulary
+            rec = None
             try:
-                records.append(schemas.TensorRecord.decode(msg.value()))
-                good_msgs.append(msg)
+                rec = schemas.TensorRecord.decode(msg.value())
+                clf = self._model_for(rec)
             except ProcessingError as e:
-                self.dead_letter(msg, e, None)
-        results = []
-        clf = self.model.current
-        for msg, rec, outcome in zip(good_msgs, records, self.infer(clf, records)):  # 4. infer
-            if isinstance(outcome, ProcessingError):
-                self.dead_letter(msg, outcome, rec.product_id)
+                self.dead_letter(msg, e, rec.product_id if rec else None)
                 continue
-            res = self._result(rec, outcome, clf.version)
-            self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), msg.key())  # 5. produce
-            results.append(res)
+            batches.setdefault(id(clf), (clf, []))[1].append((msg, rec))
+        results = []
+        for clf, items in batches.values():
+            for (msg, rec), outcome in zip(items, self.infer(clf, [rec for _, rec in items])):  # 4. infer
+                if isinstance(outcome, ProcessingError):
+                    self.dead_letter(msg, outcome, rec.product_id)
+                    continue
+                res = self._result(rec, outcome, clf.version)
+                self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), msg.key())  # 5. produce
+                results.append(res)
         duplicates = []
         if self.checkpoint.commit(messages, write_sink=lambda: duplicates.append(self.sink.write(results))):  # 6
             done = time.time()
@@ -83,6 +84,17 @@ class InferenceWorker:
                 metrics.E2E_SECONDS.labels(WORKER).observe(done - res["event_time"])
             metrics.EVENTS_OUT.labels(WORKER).inc(len(messages))
             metrics.DUPLICATES.labels(WORKER).inc(duplicates[0] if duplicates else 0)
+
+    def _model_for(self, rec: schemas.TensorRecord):
+        clf = self.model.for_vocabulary(rec.tokenizer_id)
+        if clf is None:
+            raise ProcessingError("TOKENIZER_MISMATCH", f"tokenized with vocabulary {rec.tokenizer_id:08x}, serving "
+                                  f"{self.model.current.version} ({self.model.current.tokenizer.config.fingerprint:08x})")
+        ids = rec.token_ids
+        if len(ids) and (ids.min() < 0 or ids.max() >= clf.tokenizer.config.n_ids):
+            # checked here: an out-of-range Gather index fails on CPU but may read garbage on a GPU
+            raise ProcessingError("BAD_TENSOR_RECORD", f"token id outside 0..{clf.tokenizer.config.n_ids - 1}")
+        return clf
 
     def infer(self, clf, records: list[schemas.TensorRecord]) -> list:
         """One prediction or one ProcessingError per record. A failing batch is retried item by item,
@@ -121,24 +133,21 @@ class InferenceWorker:
         return schemas.result(rec.product_id, prediction, model_version, rec.event_time, source, timings)
 
     def dead_letter(self, msg: Message, error: ProcessingError, product_id: str | None) -> None:
-        metrics.DEAD_LETTERS.labels(WORKER, error.code).inc()
-        log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
-        self.deliveries.produce(self.settings.topic_dlq, schemas.dead_letter(WORKER, error, msg.value(), source_of(msg), product_id), msg.key())
+        kafka.send_dead_letter(self.deliveries, self.settings.topic_dlq, WORKER, msg, error, product_id)
 
     def _on_assign(self, consumer, partitions) -> None:
-        metrics.REBALANCES.labels(WORKER, "assign").inc()
-        self.health.set_ready(True, "")
-        log.info("assigned %s", [p.partition for p in partitions])
+        kafka.note_rebalance(WORKER, "assign", partitions)
+        if not self.checkpoint.failing:  # during an outage readiness stays false
+            self.health.set_ready(True, "")
 
     def _on_revoke(self, consumer, partitions) -> None:
         # still the owner: finish and commit what was taken from these partitions before they move
-        metrics.REBALANCES.labels(WORKER, "revoke").inc()
+        kafka.note_rebalance(WORKER, "revoke", partitions)
         if len(self.pending):
             self.process(self.pending.take())
-        log.info("revoked %s", [p.partition for p in partitions])
 
     def _on_lost(self, consumer, partitions) -> None:
         # no longer the owner: a commit would be refused and another member already has them — drop
-        metrics.REBALANCES.labels(WORKER, "lost").inc()
+        kafka.note_rebalance(WORKER, "lost", partitions)
         dropped = self.pending.take()
         log.warning("lost %s, dropped %d uncommitted records", [p.partition for p in partitions], len(dropped))

@@ -1,4 +1,6 @@
-"""The preprocess loop, top to bottom: poll → decode → preprocess → produce → checkpoint (flush → commit)."""
+"""The preprocess loop, top to bottom: poll → decode → preprocess → produce → checkpoint (flush → commit).
+Between batches it follows the model directory: a new vocabulary is picked up without a restart (one
+batch, one vocabulary); the inference worker keeps the previous model for records already in flight."""
 from __future__ import annotations
 
 import logging
@@ -9,17 +11,13 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException, Message
 from common import kafka, metrics, runtime, schemas
 from common.checkpoint import Checkpoint
 from common.errors import ProcessingError
-from common.model import Manifest
+from common.model import DirWatch, Manifest, ModelError
 from common.settings import Settings
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
 
 WORKER = "preprocess"
 log = logging.getLogger(WORKER)
-
-
-def source_of(msg: Message) -> dict:
-    return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
 
 
 def event_time_of(event_time: float | None, msg: Message) -> float:
@@ -37,6 +35,8 @@ class PreprocessWorker:
         self.health = health
         # the tokenizer is configured by the model it feeds (vocabulary, max tokens, tagger)
         self.tokenizer = Tokenizer(Manifest.load(settings.model_dir).tokenizer)
+        self.model_watch = DirWatch(settings.model_dir, settings.model_reload_s)
+        self.max_event_bytes = schemas.max_event_bytes(settings.image_policy)
         self.consumer = kafka.make_consumer(settings, settings.preprocess_group, WORKER)
         self.deliveries = kafka.DeliveryTracker(kafka.make_producer(settings, WORKER))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
@@ -46,8 +46,11 @@ class PreprocessWorker:
                                 on_lost=self._on_lost)
         try:
             while not self.stop:
+                if self.checkpoint.hold():  # the broker failed a checkpoint: paused, then retried
+                    continue
+                self.maybe_reload_tokenizer()
                 messages = self.consumer.consume(self.settings.poll_batch, timeout=0.5)  # 1. poll
-                batch = [m for m in messages if self._usable(m)]
+                batch = kafka.records(WORKER, messages)
                 if not batch:
                     continue
                 metrics.EVENTS_IN.labels(WORKER).inc(len(batch))
@@ -67,12 +70,27 @@ class PreprocessWorker:
     def handle(self, msg: Message) -> None:
         product_id = None
         try:
-            event = schemas.decode_event(msg.value())
+            event = schemas.decode_event(msg.value(), self.max_event_bytes)
             product_id = event.product_id
             record = self._preprocess_with_attempts(event, msg)
             self._produce(self.settings.topic_tensors, record.encode(), msg.key())
         except ProcessingError as e:
             self.dead_letter(msg, e, product_id)
+
+    def maybe_reload_tokenizer(self) -> None:
+        """Follow the model directory's vocabulary; a manifest that does not load keeps the current one."""
+        if not self.model_watch.changed():
+            return
+        try:
+            config = Manifest.load(self.settings.model_dir).tokenizer
+        except ModelError as e:
+            metrics.MODEL_RELOADS.labels(WORKER, "rejected").inc()
+            log.error("new manifest rejected, keeping vocabulary %08x: %s", self.tokenizer.config.fingerprint, e)
+            return
+        metrics.MODEL_RELOADS.labels(WORKER, "loaded").inc()
+        if config.fingerprint != self.tokenizer.config.fingerprint:
+            log.info("vocabulary %08x → %08x", self.tokenizer.config.fingerprint, config.fingerprint)
+            self.tokenizer = Tokenizer(config)
 
     def _preprocess_with_attempts(self, event: schemas.ProductEvent, msg: Message):
         """A bug or transient fault on one event is retried a bounded number of times, then dead-lettered."""
@@ -95,30 +113,16 @@ class PreprocessWorker:
                                   else "PRODUCE_REJECTED", str(e)) from None
 
     def dead_letter(self, msg: Message, error: ProcessingError, product_id: str | None) -> None:
-        metrics.DEAD_LETTERS.labels(WORKER, error.code).inc()
-        log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
-        doc = schemas.dead_letter(WORKER, error, msg.value(), source_of(msg), product_id)
-        self.deliveries.produce(self.settings.topic_dlq, doc, msg.key())
-
-    def _usable(self, msg: Message) -> bool:
-        err = msg.error()
-        if err is None:
-            return True
-        if not kafka.is_benign(err):
-            metrics.RETRIES.labels(WORKER, "consume").inc()
-            log.warning("consume error: %s", err)
-        return False
+        kafka.send_dead_letter(self.deliveries, self.settings.topic_dlq, WORKER, msg, error, product_id)
 
     def _on_assign(self, consumer, partitions) -> None:
-        metrics.REBALANCES.labels(WORKER, "assign").inc()
-        self.health.set_ready(True, "")
-        log.info("assigned %s", [p.partition for p in partitions])
+        kafka.note_rebalance(WORKER, "assign", partitions)
+        if not self.checkpoint.failing:  # during an outage readiness stays false
+            self.health.set_ready(True, "")
 
     def _on_revoke(self, consumer, partitions) -> None:
         # called inside consume(): the previous batch is already committed (or rewound), nothing to finish
-        metrics.REBALANCES.labels(WORKER, "revoke").inc()
-        log.info("revoked %s", [p.partition for p in partitions])
+        kafka.note_rebalance(WORKER, "revoke", partitions)
 
     def _on_lost(self, consumer, partitions) -> None:
-        metrics.REBALANCES.labels(WORKER, "lost").inc()
-        log.warning("lost %s", [p.partition for p in partitions])
+        kafka.note_rebalance(WORKER, "lost", partitions)

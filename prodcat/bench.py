@@ -260,10 +260,6 @@ def bench_naive(model_dir: str, inputs, n: int) -> dict:
     return {"naive_items_per_s": round(done / elapsed, 1), "naive_items": done}
 
 
-def _counter_sum(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
 def bench_scaling(model_dir: str, inputs, n: int) -> dict:
     """Preprocess workers alone through the broker, 1 then 2 replicas: events/s until all are out."""
     from prodcat.stack import LocalStack, publish
@@ -275,7 +271,7 @@ def bench_scaling(model_dir: str, inputs, n: int) -> dict:
             workers = [stack.start_worker("preprocess", model_dir, wait_ready=False) for _ in range(k)]
             stack.wait_ready(workers, timeout_s=120)
             start = publish(stack.settings, events_for(inputs, n, f"s{k}-"))
-            while sum(_counter_sum(w.metrics_text(), "prodcat_events_out_total") for w in workers) < n:
+            while sum(w.metric("prodcat_events_out_total") for w in workers) < n:
                 time.sleep(0.05)
             out[k] = round(n / (time.time() - start), 1)
         log(f"preprocess through the broker, {k} replica(s): {out[k]} items/s")

@@ -99,6 +99,17 @@ class WorkerProcess:
         with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples of `name` whose labels include `labels`; 0 when the worker does not answer."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = self.metrics_text()
+        except OSError:
+            return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.metrics_url}/readyz", timeout=2) as r:
@@ -159,10 +170,17 @@ class LocalStack:
         )
         wait_for_port(self.redis_port, proc=self.redis_proc)
 
-    def stop_redis(self) -> None:
-        """For outage tests: the server goes away (data too: it is not persisted)."""
+    def stop_redis(self, keep_data: bool = False) -> None:
+        """For outage tests: the server goes away (data too, unless keep_data: then it is saved to the stack
+        dir, as a persistent Redis would, and `start_redis` loads it back on the same port)."""
         if self.redis_proc is not None:
-            self.redis_proc.terminate()
+            if keep_data:
+                try:
+                    self.redis().shutdown(save=True)
+                except redis.ConnectionError:
+                    pass  # the server closes the connection as it exits
+            else:
+                self.redis_proc.terminate()
             self.redis_proc.wait(10)
             self.redis_proc = None
 
@@ -231,9 +249,11 @@ class LocalStack:
 # ------------------------------------------------------------------ observing a run
 
 
-def publish(settings: Settings, events: list[tuple[str, bytes]], rate_per_s: float | None = None) -> float:
-    """Produce (key, event bytes) to the raw topic, optionally paced; returns the time the first was sent."""
+def publish(settings: Settings, events: list[tuple[str, bytes]], rate_per_s: float | None = None,
+            topic: str | None = None) -> float:
+    """Produce (key, event bytes) to the raw topic (or `topic`), optionally paced; returns the time the first was sent."""
     producer = kafka.make_producer(settings, "publisher")
+    topic = topic or settings.topic_raw
     start = time.time()
     for i, (key, value) in enumerate(events):
         if rate_per_s:
@@ -242,7 +262,7 @@ def publish(settings: Settings, events: list[tuple[str, bytes]], rate_per_s: flo
                 time.sleep(delay)
         while True:
             try:
-                producer.produce(settings.topic_raw, value=value, key=key)
+                producer.produce(topic, value=value, key=key)
                 break
             except BufferError:
                 producer.poll(0.05)

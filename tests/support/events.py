@@ -79,3 +79,61 @@ def bad_events(tmp_dir: str) -> list[tuple[str, bytes, str]]:
         ("b-bomb", ev(product_id="bb", name="Blue Shirt", image_b64=_png_bomb()), "IMAGE_DIMENSIONS"),
         ("b-urltype", ev(product_id="ut", name="Blue Shirt", image_url=123), "BAD_FIELD_TYPE"),
     ]
+
+
+def _jpeg_claiming(width: int, height: int) -> str:
+    """A small real JPEG whose frame header (SOF0) claims absurd dimensions: refused before any decoding."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return base64.b64encode(bytes(data)).decode()
+
+
+def hostile_events(max_event_bytes: int) -> list[tuple[str, bytes | None, str]]:
+    """More raw-topic kinds beyond `bad_events`: SSRF spellings, absurd headers, types, sizes. `max_event_bytes`
+    is the preprocess worker's limit (schemas.max_event_bytes of its image policy)."""
+
+    def ev(**kw) -> bytes:
+        return json.dumps(kw).encode()
+
+    return [
+        ("h-tombstone", None, "EMPTY_PAYLOAD"),
+        ("h-oversized", ev(product_id="big", name="Blue Shirt", notes="x" * (max_event_bytes + 1)), "EVENT_TOO_LARGE"),
+        ("h-deepjson", b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "BAD_JSON"),
+        ("h-versionstr", ev(schema_version="1", product_id="vs", name="Blue Shirt"), "UNKNOWN_VERSION"),
+        ("h-boolid", ev(product_id=True, name="Blue Shirt"), "BAD_FIELD_TYPE"),
+        ("h-floatid", ev(product_id=1.5, name="Blue Shirt"), "BAD_FIELD_TYPE"),
+        ("h-nantime", b'{"product_id": "nt", "name": "Blue Shirt", "event_time": NaN}', "BAD_FIELD_TYPE"),
+        ("h-localhost", ev(product_id="lh", name="Blue Shirt", image_url="http://localhost:6379/"), "URL_HOST_FORBIDDEN"),
+        ("h-ipv6loop", ev(product_id="v6", name="Blue Shirt", image_url="http://[::1]/a.jpg"), "URL_HOST_FORBIDDEN"),
+        ("h-zeroaddr", ev(product_id="z", name="Blue Shirt", image_url="http://0.0.0.0/a.jpg"), "URL_HOST_FORBIDDEN"),
+        ("h-decimalip", ev(product_id="di", name="Blue Shirt", image_url="http://2130706433/a.jpg"), "URL_HOST_FORBIDDEN"),
+        ("h-dataurl", ev(product_id="du", name="Blue Shirt", image_url="data:image/png;base64,AAAA"), "URL_SCHEME"),
+        ("h-directory", ev(product_id="dir", name="Blue Shirt", image_url="file:///etc"), "URL_FETCH_FAILED"),
+        ("h-jpegdims", ev(product_id="jd", name="Blue Shirt", image_b64=_jpeg_claiming(60_000, 60_000)), "IMAGE_DIMENSIONS"),
+    ]
+
+
+def bad_tensor_records(vocabulary: int) -> list[tuple[str, bytes | None, str]]:
+    """Kinds that reach the inference worker directly on the tensors topic; `vocabulary` is the served
+    tokenizer fingerprint (a record with any other one has no model to read it)."""
+    import numpy as np
+
+    def record(pid: str, tokens: list[int], tokenizer_id: int = vocabulary) -> bytes:
+        return schemas.TensorRecord(pid, np.array(tokens, np.int32), None, 1.7e9, 1.7e9, 0, 0, tokenizer_id).encode()
+
+    good = record("t-ok", [2])
+    wrong_version = bytearray(good)
+    wrong_version[4] = 9
+    return [
+        ("t-tombstone", None, "BAD_TENSOR_RECORD"),
+        ("t-garbage", b"garbage", "BAD_TENSOR_RECORD"),
+        ("t-magic", b"XXXX" + good[4:], "BAD_TENSOR_RECORD"),
+        ("t-version", bytes(wrong_version), "UNKNOWN_VERSION"),
+        ("t-truncated", good[:-2], "BAD_TENSOR_RECORD"),
+        ("t-vocabulary", record("t-vocabulary", [2], tokenizer_id=vocabulary ^ 0x5A5A), "TOKENIZER_MISMATCH"),
+        ("t-tokenrange", record("t-tokenrange", [2, 99_999]), "BAD_TENSOR_RECORD"),
+        ("t-negtoken", record("t-negtoken", [-3]), "BAD_TENSOR_RECORD"),
+    ]

@@ -24,11 +24,11 @@ EMBED_DIM = 3
 IMAGE_WEIGHT = 6.0
 
 
-def _graph(scale: float) -> onnx.ModelProto:
-    n_ids = 2 + len(VOCAB)
+def _graph(scale: float, vocab: list[str]) -> onnx.ModelProto:
+    n_ids = 2 + len(vocab)
     w = np.zeros((n_ids, len(LABELS)), np.float32)
-    for i in range(len(VOCAB)):
-        w[2 + i, i] = 6.0 * scale
+    for i, word in enumerate(vocab):
+        w[2 + i, VOCAB.index(word)] = 6.0 * scale  # the word's label, wherever the vocabulary puts the word
     image_dir = np.array([0.0, 0.0, IMAGE_WEIGHT], np.float32)
     nodes = [
         helper.make_node("Gather", ["W", "token_ids"], ["tok_logits"], axis=0),  # [B, L, C]
@@ -65,17 +65,19 @@ def _graph(scale: float) -> onnx.ModelProto:
     return model
 
 
-def build_tiny_model(model_dir: str, version: str = "tiny-1", scale: float = 1.0) -> str:
-    """Write model.onnx + manifest.json; a different `scale` gives a different (still valid) model."""
+def build_tiny_model(model_dir: str, version: str = "tiny-1", scale: float = 1.0, vocab: list[str] | None = None) -> str:
+    """Write model.onnx + manifest.json; a different `scale` gives a different (still valid) model, a reordered
+    `vocab` a model with other token ids and the same answers (token ids of one fed to the other answer wrong)."""
+    vocab = list(vocab or VOCAB)
     os.makedirs(model_dir, exist_ok=True)
-    onnx.save(_graph(scale), os.path.join(model_dir, ONNX_FILE))
+    onnx.save(_graph(scale, vocab), os.path.join(model_dir, ONNX_FILE))
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_version": version,
         "stand_in": True,
         "labels": LABELS,
         "hierarchy": {"levels": ["masterCategory", "subCategory", "articleType"], "parents": PARENTS},
-        "tokenizer": {"max_tokens": MAX_TOKENS, "korean_tagger": "okt", "oov_buckets": 0, "vocab": VOCAB},
+        "tokenizer": {"max_tokens": MAX_TOKENS, "korean_tagger": "okt", "oov_buckets": 0, "vocab": vocab},
         "threshold": 0.5,
     }
     with open(os.path.join(model_dir, MANIFEST), "w") as f:

@@ -1,0 +1,36 @@
+"""redis-server stopped for ≥ 10 s mid-stream: the inference worker pauses (not ready, alive), probes
+Redis, and resumes by itself when it is back; nothing is lost and no worker is restarted."""
+from __future__ import annotations
+
+import time
+
+from tests.faults.harness import N, Scenario, start_pipeline, wait_recovered
+from tests.support.events import good_events
+
+OUTAGE_S = 10.0
+
+
+def test_redis_outage_pauses_and_recovers_without_restart(stack, tiny_model, sample_jpegs, report):
+    pre, inf = start_pipeline(stack, tiny_model)
+    pids = (pre.proc.pid, inf.proc.pid)
+    scenario = Scenario(stack, "redis-server down 10 s", good_events(N, sample_jpegs, prefix="rd-"))
+    scenario.publish([(k, v) for k, v, _ in scenario.good])
+    scenario.wait_classified(N // 4)
+
+    stack.stop_redis(keep_data=True)  # a persistent Redis going away: the data written so far survives it
+    down_at = time.monotonic()
+    while time.monotonic() - down_at < OUTAGE_S:
+        time.sleep(0.5)
+    assert inf.alive() and not inf.ready(), "the inference worker must stay up and report not-ready"
+    assert inf.metric("prodcat_paused") == 1
+    retries_during_outage = inf.metric("prodcat_retries_total", kind="SinkError")
+
+    stack.start_redis()
+    recovery = wait_recovered(time.monotonic(), [inf], drained=scenario.drained)
+    out = scenario.finish(recovery, note=f"outage {time.monotonic() - down_at - recovery:.0f} s; recovery after Redis is back")
+    report(out)
+    assert out.lost == 0 and not out.wrong, out.wrong[:5]
+    assert (pre.proc.pid, inf.proc.pid) == pids and pre.alive() and inf.alive() and inf.ready()
+    # paused, not spinning: the rewound batch was retried only after a PING answered (a handful of tries, not one per poll)
+    assert retries_during_outage <= 3
+    assert inf.metric("prodcat_recovery_seconds_count") >= 1
