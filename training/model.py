@@ -89,42 +89,65 @@ class TrunkOnly(nn.Module):
 
 
 class TextTower(nn.Module):
-    def __init__(self, n_ids: int, dim: int):
-        super().__init__()
-        self.emb = nn.Embedding(n_ids, dim, padding_idx=0)
+    """fastText-style bag of words + hashed word bigrams (computed in-graph from the token ids, so the
+    serving tokenizer stays unigram-only), pooled by masked mean ‖ max."""
 
-    def forward(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ (text vector [B, 2·dim], has_text [B]); an all-padding row gives zeros."""
-        mask = (token_ids > 0).unsqueeze(-1).float()
-        e = self.emb(token_ids) * mask
+    def __init__(self, n_ids: int, dim: int, bigram_buckets: int, n_labels: int):
+        super().__init__()
+        self.n_ids, self.bigram_buckets = n_ids, bigram_buckets
+        # sparse: a step touches only the rows of the words in the batch (SparseAdam)
+        self.emb = nn.Embedding(n_ids + bigram_buckets, dim, padding_idx=0, sparse=True)
+        # small init: rows never seen in training (unseen hashed bigrams) then add little noise
+        nn.init.normal_(self.emb.weight, std=0.05)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+        # the "wide" part: a linear bag-of-words classifier (what TF-IDF + SVM does), added to the logits;
+        # it memorises rare brand / model words that a 128-d mean dilutes
+        self.wide = nn.Embedding(n_ids + bigram_buckets, n_labels, padding_idx=0, sparse=True)
+        nn.init.zeros_(self.wide.weight)
+
+    def tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if not self.bigram_buckets:
+            return token_ids
+        a, b = token_ids[:, :-1], token_ids[:, 1:]
+        bigram = self.n_ids + (a * 1_000_003 + b) % self.bigram_buckets
+        return torch.cat([token_ids, torch.where((a > 0) & (b > 0), bigram, torch.zeros_like(bigram))], dim=1)
+
+    def forward(self, token_ids: torch.Tensor):
+        """→ (text vector [B, 2·dim], wide logits [B, n_labels], has_text [B]); no name gives zeros."""
+        ids = self.tokens(token_ids)
+        mask = (ids > 0).unsqueeze(-1).float()
+        e = self.emb(ids) * mask
         count = mask.sum(1)
         mean = e.sum(1) / count.clamp(min=1.0)
         mx = (e - (1.0 - mask) * 1e4).max(1).values * (count > 0).float()
-        return torch.cat([mean, mx], dim=1), (count.squeeze(-1) > 0).float()
+        wide = (self.wide(ids) * mask).sum(1) / count.clamp(min=1.0).sqrt()
+        return torch.cat([mean, mx], dim=1), wide, (count.squeeze(-1) > 0).float()
 
 
 class FusedNet(nn.Module):
-    def __init__(self, n_ids: int, n_labels: int, cut: int, text_dim: int = 128, hidden: int = 512, dropout: float = 0.3):
+    def __init__(self, n_ids: int, n_labels: int, cut: int, text_dim: int = 128, hidden: int = 512,
+                 dropout: float = 0.3, bigram_buckets: int = 0):
         super().__init__()
-        self.text = TextTower(n_ids, text_dim)
+        self.text = TextTower(n_ids, text_dim, bigram_buckets, n_labels)
         self.image = ImageTower(cut)
-        self.image_proj = nn.Sequential(nn.Dropout(0.2), nn.Linear(IMAGE_FEATURES, hidden))
+        self.image_proj = nn.Sequential(nn.Dropout(0.4), nn.Linear(IMAGE_FEATURES, hidden))
         self.text_proj = nn.Linear(2 * text_dim, hidden)
         self.presence = nn.Linear(2, hidden)  # a learned offset per modality combination
         self.fuse = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU())
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, n_labels))
 
-    def fused(self, token_ids, image_vec, image_present):
-        """Fused hidden vector from token ids and pooled image features [B, 1280] (zeros: no photo)."""
-        text_vec, has_text = self.text(token_ids)
+    def outputs(self, token_ids, image_vec, image_present):
+        """→ (logits, fused hidden vector); image_vec = pooled image features [B, 1280], zeros if no photo."""
+        text_vec, wide, has_text = self.text(token_ids)
         h = self.text_proj(text_vec) * has_text.unsqueeze(1)
         h = h + self.image_proj(image_vec) * image_present.unsqueeze(1)
-        h = h + self.presence(torch.stack([has_text, image_present], dim=1))
-        return self.fuse(h)
+        h = self.fuse(h + self.presence(torch.stack([has_text, image_present], dim=1)))
+        return self.classifier(h) + wide, h
 
     def forward(self, token_ids, image_vec, image_present):
         """Training forward → logits."""
-        return self.classifier(self.fused(token_ids, image_vec, image_present))
+        return self.outputs(token_ids, image_vec, image_present)[0]
 
 
 class ServingGraph(nn.Module):
@@ -136,6 +159,6 @@ class ServingGraph(nn.Module):
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
 
     def forward(self, token_ids, image, image_present):
-        h = self.net.fused(token_ids, self.net.image(image), image_present)
-        probs = F.softmax(self.net.classifier(h) * self.inv_t, dim=1)
+        logits, h = self.net.outputs(token_ids, self.net.image(image), image_present)
+        probs = F.softmax(logits * self.inv_t, dim=1)
         return probs, F.normalize(h, dim=1)

@@ -27,30 +27,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    epochs: int = 14
+    epochs: int = 12
     batch: int = 128
     lr: float = 3e-3  # text, fusion, classifier
     lr_image: float = 5e-4  # the pretrained blocks being fine-tuned
     weight_decay: float = 1e-4
-    cut: int = 13  # Lite0 blocks [0, cut) frozen + cached, [cut, 16) + head conv fine-tuned
+    cut: int = 15  # Lite0 blocks [0, cut) frozen + cached, [cut, 16) + head conv fine-tuned
     views: int = 2  # cached photo views: 1 = as is, 2 = + mirrored (augmentation)
     text_dim: int = 128
     hidden: int = 512
     max_tokens: int = 32
-    min_count: int = 2  # rarer training words go to hashed OOV buckets
+    min_count: int = 2  # rarer training words go to hashed OOV buckets (which they train)
     oov_buckets: int = 2000
+    bigram_buckets: int = 50_000  # hashed word pairs, in-graph
     # modality / word dropout (why: robust to a missing name or photo, and to names without the leaf word)
     p_drop_text: float = 0.35  # of items with a photo: train on the photo alone
-    p_drop_image: float = 0.2  # of items with a photo: train on the name alone
-    p_drop_leaf_words: float = 0.3  # names with the leaf's own words removed
-    p_drop_token: float = 0.1
-    label_smoothing: float = 0.1  # some labels are noisy (e.g. Tshirts filed under Belts)
+    p_drop_image: float = 0.4  # of items with a photo: train on the name alone
+    p_drop_leaf_words: float = 0.3  # names with the leaf's own words removed (items with a photo)
+    p_drop_token: float = 0.05
+    label_smoothing: float = 0.05  # some labels are noisy (e.g. Tshirts filed under Belts)
     max_flagged: float = 0.10  # the "uncertain" threshold may flag at most this share of validation
+    int8: bool = True  # try an int8 image tower (model.int8.onnx), kept only if validation holds
     seed: int = 0
     threads: int = 2
 
 
-FAST = dict(epochs=6, views=1, cut=15)
+FAST = dict(epochs=6, views=1, int8=False)
 
 
 def build_vocab(words: list[list[str]], min_count: int) -> tuple[str, ...]:
@@ -108,9 +110,12 @@ def predict_logits(net: FusedNet, acts: np.ndarray, ids: np.ndarray, photo: np.n
 
 def _augment(d: SplitData, idx: np.ndarray, cfg: Config, rng: np.random.Generator):
     """Batch inputs with word, token and modality dropout."""
-    ids = np.where((rng.random(len(idx)) < cfg.p_drop_leaf_words)[:, None], d.ids_no_leaf[idx], d.ids[idx])
-    ids = np.where(rng.random(ids.shape) < cfg.p_drop_token, 0, ids)
     has_photo = d.photo[idx] >= 0
+    # leaf words are dropped only where a photo can stand in for them: on name-only items it would
+    # just teach the net to guess from brands, at the cost of plain name accuracy
+    no_leaf = has_photo & (rng.random(len(idx)) < cfg.p_drop_leaf_words)
+    ids = np.where(no_leaf[:, None], d.ids_no_leaf[idx], d.ids[idx])
+    ids = np.where(rng.random(ids.shape) < cfg.p_drop_token, 0, ids)
     r = rng.random(len(idx))
     present = (has_photo & (r >= cfg.p_drop_image)).astype(np.float32)
     drop_text = has_photo & (present > 0) & (r >= 1 - cfg.p_drop_text)
@@ -120,15 +125,17 @@ def _augment(d: SplitData, idx: np.ndarray, cfg: Config, rng: np.random.Generato
 
 def train_net(net: FusedNet, train: SplitData, val: SplitData, acts: list[np.ndarray], cfg: Config, progress: bool):
     rng = np.random.default_rng(cfg.seed)
+    sparse = [net.text.emb.weight, net.text.wide.weight]
     image_params = [p for n, p in net.named_parameters() if n.startswith("image.") and p.requires_grad]
-    other = [p for n, p in net.named_parameters() if not n.startswith("image.")]
-    opt = torch.optim.AdamW(
-        [{"params": other, "lr": cfg.lr}, {"params": image_params, "lr": cfg.lr_image}], weight_decay=cfg.weight_decay
-    )
+    other = [p for n, p in net.named_parameters() if not n.startswith(("image.", "text."))]
+    opts = [
+        torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": image_params, "lr": cfg.lr_image}],
+                          weight_decay=cfg.weight_decay),
+        torch.optim.SparseAdam(sparse, lr=cfg.lr),
+    ]
     steps_per_epoch = math.ceil(len(train.y) / cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[cfg.lr, cfg.lr_image], total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+    total_steps = cfg.epochs * steps_per_epoch
+    base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
     history = []
     for epoch in range(cfg.epochs):
         net.train()
@@ -142,10 +149,13 @@ def train_net(net: FusedNet, train: SplitData, val: SplitData, acts: list[np.nda
             vec = _image_vectors(net, view, train.photo[idx], present)
             logits = net(torch.from_numpy(ids), vec, torch.from_numpy(present))
             loss = F.cross_entropy(logits, torch.from_numpy(train.y[idx]), label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
+            for o, lrs in zip(opts, base_lrs):
+                for g, lr in zip(o.param_groups, lrs):
+                    g["lr"] = lr * _lr_factor(epoch * steps_per_epoch + step, total_steps)
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for o in opts:
+                o.step()
             total += loss.item()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total / (step + 1):.3f}")
@@ -153,6 +163,12 @@ def train_net(net: FusedNet, train: SplitData, val: SplitData, acts: list[np.nda
         history.append({"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "val_acc": acc})
         log.info("epoch %d: loss %.4f, val acc %.4f", epoch + 1, total / steps_per_epoch, acc)
     return history
+
+
+def _lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    w = max(1, int(total * warmup))
+    return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -239,7 +255,7 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
     log.info("%s: %d labels, vocab %d, train %d (%d with photo), val %d", ds.name, len(labels), len(vocab),
              len(train.y), int((train.photo >= 0).sum()), len(val.y))
 
-    net = FusedNet(tok_cfg.n_ids, len(labels), cfg.cut, cfg.text_dim, cfg.hidden)
+    net = FusedNet(tok_cfg.n_ids, len(labels), cfg.cut, cfg.text_dim, cfg.hidden, bigram_buckets=cfg.bigram_buckets)
     history = train_net(net, train, val, acts, cfg, progress)
 
     logits = predict_logits(net, acts[0], val.ids, val.photo)
@@ -255,8 +271,39 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
         config=dataclasses.asdict(cfg) | {"fast": fast}, val_metrics=val_metrics, history=history,
         train_seconds=train_seconds, parity_items=_parity_items(val_items, photo_row), tok=tok,
     )
+    if cfg.int8 and (val.photo >= 0).any():
+        manifest["int8"] = int8_variant(out_dir, val_items, val, photo_row)
+        log.info("int8: %s", manifest["int8"])
     log.info("model written to %s in %.0f s", out_dir, time.time() - t0)
     return manifest
+
+
+def int8_variant(out_dir: str, val_items, val: SplitData, photo_row, max_items: int = 600) -> dict:
+    """Calibrate + check the int8 graph on validation photos (name + photo, and photo alone)."""
+    import onnxruntime as ort
+
+    from training.data import read_image
+    from training.export import add_int8
+
+    rows = np.nonzero(val.photo >= 0)[0][:max_items]
+    images = np.stack([read_image(val_items[i].image) for i in rows])
+    ids, present = val.ids[rows], np.ones(len(rows), np.float32)
+
+    def feeds(s, e, names=True):
+        return {"token_ids": ids[s:e] if names else np.zeros_like(ids[s:e]), "image": images[s:e], "image_present": present[s:e]}
+
+    def accuracy(path: str) -> dict:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        out = {}
+        for cond, names in (("name_and_photo", True), ("photo_only", False)):
+            p = np.concatenate([sess.run(["probs"], feeds(s, s + 64, names))[0] for s in range(0, len(rows), 64)])
+            out[cond] = float((p.argmax(1) == val.y[rows]).mean())
+        return out
+
+    calib = [feeds(s, s + 16, names=s % 32 == 0) for s in range(0, min(len(rows), 256), 16)]
+    return add_int8(out_dir, calib, accuracy)
 
 
 def _parity_items(val_items, photo_row, n: int = 24):

@@ -1,0 +1,179 @@
+"""Fast checks of the training package on generated data (no shared data set needed)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # plain `pytest` from anywhere
+
+from training.data import DataError, Item, leaf_words_removed, load_table, split_of  # noqa: E402
+from training.train import build_vocab, choose_threshold, fit_temperature, softmax  # noqa: E402
+
+COLOURS = {"Shirts": (200, 30, 30), "Shoes": (30, 200, 30), "Watches": (30, 30, 200)}
+PARENTS = {"Shirts": "Apparel", "Shoes": "Footwear", "Watches": "Accessories"}
+WORDS = {"Shirts": ["cotton", "collar", "shirt"], "Shoes": ["running", "lace", "shoes"], "Watches": ["dial", "strap", "watch"]}
+
+
+def test_split_is_deterministic_disjoint_and_80_10_10():
+    ids = [str(i) for i in range(20_000)]
+    first = [split_of("myntra", i) for i in ids]
+    assert first == [split_of("myntra", i) for i in ids]  # same id → same split, every time
+    share = {s: first.count(s) / len(ids) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.8) < 0.02 and abs(share["val"] - 0.1) < 0.01 and abs(share["test"] - 0.1) < 0.01
+    # the data set name is part of the key: another data set shuffles differently
+    assert first != [split_of("kr_shop", i) for i in ids]
+
+
+def test_vocabulary_is_frequency_ordered_with_min_count():
+    vocab = build_vocab([["b", "a"], ["a", "c"], ["a", "b"], ["d"]], min_count=2)
+    assert vocab == ("a", "b")
+
+
+def test_leaf_words_removed():
+    assert leaf_words_removed(["black", "casual", "shoes"], "Casual Shoes", ["casual", "shoes"]) == ["black"]
+    assert leaf_words_removed(["polo", "t", "shirt"], "Tshirts", ["tshirts"]) == ["polo"]
+
+
+def test_threshold_and_temperature_on_known_cases():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    logits = rng.normal(size=(2000, 3))
+    logits[np.arange(2000), y] += 3.0
+    # the fitted T follows the logits' scale: 4× sharper logits need a 4× larger T
+    assert fit_temperature(logits * 4, y) == pytest.approx(4 * fit_temperature(logits, y), rel=0.05)
+    cov = choose_threshold(softmax(logits), y, max_flagged=0.3)
+    assert cov["flagged"] <= 0.3 and cov["error_unflagged"] < cov["error_all"]
+
+
+def _write_dataset(tmp_path, n_per_class=16) -> str:
+    rng = np.random.default_rng(1)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for label, colour in COLOURS.items():
+        for k in range(n_per_class):
+            item_id = f"{label}-{k}"
+            pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+            image = ""
+            if k % 2 == 0:  # half the items have a photo
+                image = f"img/{item_id}.jpg"
+                Image.fromarray(pixels).save(tmp_path / image, quality=90)
+            name = " ".join(rng.permutation(WORDS[label])[:2]) + f" model {k}"
+            rows.append({"id": item_id, "name": name, "image": image, "level1": PARENTS[label], "category": label})
+    path = tmp_path / "products.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run through the --csv path (shared by the tests below)."""
+    tmp = tmp_path_factory.mktemp("train")
+    old_cache = os.environ.get("PRODCAT_CACHE")
+    os.environ["PRODCAT_CACHE"] = str(tmp / "cache")  # a cold, private cache
+    csv_path = _write_dataset(tmp)
+    from training.train import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp / "model"
+    args = parser.parse_args(["--csv", csv_path, "--out", str(out), "--fast", "--epochs", "3", "--quiet"])
+    try:
+        assert run(args) == 0
+    finally:
+        if old_cache is None:
+            os.environ.pop("PRODCAT_CACHE", None)
+        else:
+            os.environ["PRODCAT_CACHE"] = old_cache
+    return csv_path, str(out)
+
+
+def test_tiny_training_exports_a_servable_model(trained):
+    from common.model import Classifier
+
+    csv_path, model_dir = trained
+    manifest = json.load(open(os.path.join(model_dir, "manifest.json"), encoding="utf-8"))
+    assert manifest["labels"] == sorted(COLOURS)
+    assert manifest["hierarchy"]["parents"]["Shoes"] == ["Footwear"]
+    assert manifest["onnx"]["parity"]["probs_max_abs_diff"] <= manifest["onnx"]["parity"]["tolerance_abs"]
+    assert len(manifest["training_data"]["fingerprint_sha256"]) == 64
+
+    clf = Classifier(model_dir)
+    ds = load_table(csv_path)
+    items = ds.items[:5] + [Item("x", "", "Shoes", ("Footwear", "Shoes"))]  # includes a nameless, photoless one
+    from training.data import read_image
+
+    ids = [clf.tokenizer.encode(it.name) for it in items]
+    images = [read_image(it.image) if it.image else None for it in items]
+    probs = clf.run(ids, images)
+    assert probs.shape == (len(items), 3)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    preds = clf.predictions(probs)
+    assert len(preds) == len(items) and preds[0].category_path[-1] in PARENTS.values()
+
+
+def test_onnx_matches_torch_within_tolerance():
+    import torch
+
+    from training.export import PARITY_ATOL, check_parity, export_onnx
+    from training.model import FusedNet, ServingGraph
+
+    torch.manual_seed(0)
+    graph = ServingGraph(FusedNet(n_ids=50, n_labels=4, cut=15, bigram_buckets=16).eval(), temperature=1.5).eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        export_onnx(graph, path, max_tokens=8)
+        rng = np.random.default_rng(0)
+        feeds = {
+            "token_ids": rng.integers(0, 50, (3, 8)).astype(np.int64),
+            "image": rng.integers(0, 255, (3, 224, 224, 3)).astype(np.uint8),
+            "image_present": np.array([1, 0, 1], np.float32),
+        }
+        feeds["token_ids"][1] = 0  # no name
+        diff = check_parity(graph, path, feeds)
+    assert diff["probs_max_abs_diff"] <= PARITY_ATOL and diff["argmax_agree"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("title,label\nfoo,bar\n", "missing column(s) category, name"),
+        ("name,category\nfoo,\n", "row 2 has an empty category"),
+        ("", "no rows"),
+    ],
+)
+def test_bad_csv_gives_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_table(str(path))
+
+    from training.train import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--csv", str(path), "--out", str(tmp_path / "m"), "--quiet"])) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_dataset_and_missing_dir_are_clear_errors(tmp_path, capsys):
+    from training.train import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--dataset", "nope", "--out", str(tmp_path / "m")])) != 0
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert run(parser.parse_args(["--dataset", "myntra", "--data-dir", str(tmp_path / "absent"), "--out", "x"])) != 0
+    assert "does not exist" in capsys.readouterr().err
