@@ -32,7 +32,7 @@ class Settings:
     providers: str = "auto"  # auto = TensorRT, CUDA, CPU — whichever are installed and work
     intra_op_threads: int = 1
     max_batch: int = 64
-    max_delay_ms: float = 20.0
+    max_delay_ms: float = 20.0  # inference: batch deadline; preprocess: poll window
     poll_batch: int = 256  # preprocess: events taken per poll, then flushed and committed together
     max_attempts: int = 3  # a dependency failing on one event this many times → dead letter, not a stuck partition
     model_reload_s: float = 5.0  # how often the inference worker looks for a new model version

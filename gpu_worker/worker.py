@@ -41,7 +41,8 @@ class InferenceWorker:
                 if self.checkpoint.hold():  # a dependency is down: paused until it answers again
                     continue
                 wait = self.pending.time_left()
-                messages = self.consumer.consume(max(1, self.pending.room), timeout=0.5 if wait is None else wait)  # 1
+                # 1. poll; with nothing pending, wait at most one max delay too, so the first record's wait stays bounded
+                messages = self.consumer.consume(max(1, self.pending.room), timeout=max(0.005, self.pending.max_delay_s) if wait is None else wait)
                 for msg in kafka.records(WORKER, messages):
                     self.pending.add(msg)  # 2. batch
                 if self.pending.ready():

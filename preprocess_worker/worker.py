@@ -49,7 +49,8 @@ class PreprocessWorker:
                 if self.checkpoint.hold():  # the broker failed a checkpoint: paused, then retried
                     continue
                 self.maybe_reload_tokenizer()
-                messages = self.consumer.consume(self.settings.poll_batch, timeout=0.5)  # 1. poll
+                # 1. poll: up to poll_batch records or max_delay_ms, whichever first — a quiet stream is not held back
+                messages = self.consumer.consume(self.settings.poll_batch, timeout=max(0.005, self.settings.max_delay_ms / 1000.0))
                 batch = kafka.records(WORKER, messages)
                 if not batch:
                     continue
