@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each timed stage loop")
+    p.add_argument("--fp16", action="store_true",
+                   help="also measure an fp16 copy of the model (GPU; needs onnxconverter-common) and its agreement with fp32")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
 
 
@@ -163,6 +165,31 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_fp16(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float) -> dict:
+    """fp16 weights and activations (inputs/outputs stay as the contract says), measured like fp32, plus how
+    often its top-1 agrees with fp32 on the same real records — kept only where accuracy holds."""
+    import shutil
+    import tempfile
+
+    import onnx
+    from onnxconverter_common import float16
+
+    from common.model import MANIFEST, ONNX_FILE
+
+    fp16_dir = tempfile.mkdtemp(prefix="prodcat-fp16-")
+    shutil.copy(os.path.join(model_dir, MANIFEST), fp16_dir)
+    model = float16.convert_float_to_float16(onnx.load(os.path.join(model_dir, ONNX_FILE)), keep_io_types=True)
+    onnx.save(model, os.path.join(fp16_dir, ONNX_FILE))
+    speed = bench_inference(fp16_dir, providers, threads, batches, records, seconds)
+    tokens, images = [r.token_ids for r in records], [r.image for r in records]
+    p32 = Classifier(model_dir, providers, threads).run(tokens, images)
+    p16 = Classifier(fp16_dir, providers, threads).run(tokens, images)
+    shutil.rmtree(fp16_dir, ignore_errors=True)
+    return {"fp16_items_per_s": speed["inference_items_per_s"], "fp16_items_per_s_best": speed["inference_items_per_s_best"],
+            "fp16_best_batch": speed["best_batch"], "fp16_top1_agreement": round(float(np.mean(p32.argmax(1) == p16.argmax(1))), 4),
+            "fp16_max_abs_prob_diff": round(float(np.abs(p32 - p16).max()), 4), "fp16_checked_items": len(records)}
 
 
 def bench_broker(records, seconds: float) -> dict:
@@ -418,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
         fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds))
         one = bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2)
         fig["inference_items_per_s_per_core"] = one["inference_items_per_s_best"]
+        if args.fp16:
+            fig.update(bench_fp16(args.model, args.providers, args.threads, batches, records, args.seconds))
     if "broker" in stages:
         fig.update(bench_broker(records, args.seconds))
     if "scaling" in stages:
