@@ -26,13 +26,19 @@ def wait_for(condition, timeout_s: float = 60.0) -> float:
     return time.monotonic() - t0
 
 
-def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, report):
+def _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name: str, prefix: str):
+    """The pipeline serving tiny-1 through a symlinked model dir, a third of the stream classified."""
     link = str(tmp_path / "model")
     swap(link, tiny_model)
     pre, inf = start_pipeline(stack, link)
-    scenario = Scenario(stack, "hot reload: new model + vocabulary", good_events(N, sample_jpegs, prefix="hr-"))
+    scenario = Scenario(stack, name, good_events(N, sample_jpegs, prefix=prefix))
     scenario.publish([(k, v) for k, v, _ in scenario.good])
     scenario.wait_classified(N // 3)
+    return link, pre, inf, scenario
+
+
+def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, report):
+    link, pre, inf, scenario = _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, "hot reload: new model + vocabulary", "hr-")
     swap(link, build_tiny_model(str(tmp_path / "v2"), version="tiny-2", scale=1.5, vocab=list(reversed(VOCAB))))
     switch_s = wait_for(lambda: inf.metric("prodcat_model_info", model_version="tiny-2") == 1)
     out = scenario.finish(switch_s, note="recovery = swap → new version serving; no pause")
@@ -46,12 +52,7 @@ def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpeg
 
 
 def test_corrupt_model_is_rejected_and_the_old_one_keeps_serving(stack, tiny_model, sample_jpegs, tmp_path, report):
-    link = str(tmp_path / "model")
-    swap(link, tiny_model)
-    pre, inf = start_pipeline(stack, link)
-    scenario = Scenario(stack, "hot reload: corrupt model", good_events(N, sample_jpegs, prefix="hc-"))
-    scenario.publish([(k, v) for k, v, _ in scenario.good])
-    scenario.wait_classified(N // 3)
+    link, pre, inf, scenario = _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, "hot reload: corrupt model", "hc-")
     corrupt = build_tiny_model(str(tmp_path / "v3"), version="tiny-3")
     with open(os.path.join(corrupt, "model.onnx"), "wb") as f:
         f.write(b"\x08\x07 this is not an ONNX graph" * 100)
