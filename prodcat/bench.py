@@ -22,13 +22,13 @@ from common.images import FetchPolicy, decode_resize
 from common.model import Classifier, Manifest, ModelError
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
+from prodcat.options import add_run_arguments
 
 STAGES = ("preprocess", "tokenize", "inference", "broker", "e2e", "naive", "scaling")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.path.join("models", "myntra"))
-    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
+    add_run_arguments(p, preprocess_workers=1, max_delay_ms=10.0)
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     p.add_argument("--items", type=int, default=2000, help="events per end-to-end run")
@@ -36,13 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--providers", default="auto")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (inference stage and worker)")
-    p.add_argument("--preprocess-workers", type=int, default=1, help="K preprocess workers in the end-to-end run")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each timed stage loop")
     p.add_argument("--fp16", action="store_true",
                    help="also measure an fp16 copy of the model (GPU; needs onnxconverter-common) and its agreement with fp32")
-    p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
 
 
 def log(msg: str) -> None:

@@ -12,19 +12,13 @@ import numpy as np
 
 from common import schemas
 from common.model import Manifest, ModelError
-
-DEFAULT_MODEL_DIR = os.path.join("models", "myntra")
+from prodcat.options import add_run_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="the shared data (default ../shared/data)")
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help="model directory; trained (fast) if absent")
+    add_run_arguments(p, preprocess_workers=2, max_delay_ms=20.0)  # --model: trained (fast) first if absent
     p.add_argument("--count", type=int, default=2000, help="products to publish (test split, photos first)")
-    p.add_argument("--preprocess-workers", type=int, default=2)
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every result")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
 
 
 def log(msg: str) -> None:
