@@ -263,6 +263,7 @@ def summary_markdown(m: dict) -> str:
         name = cond.replace("photo:", "*photo items:* ").replace("_", " ")
         lines.append(f"| {name} | {s['n']} | {_f(s['acc'])} | {_f(s['macro_f1'])} | {_f(s['ece'])} | "
                      f"{u['flagged']:.1%} | {_f(u['error_unflagged'])} (all: {_f(u['error_all'])}) |")
+    lines += comparison_lines(m)
     lines += ["", "## Taxonomy levels (name + photo)", "", "| level | accuracy | macro-F1 |", "|---|---|---|"]
     lines += [f"| {lv} | {_f(s['acc'])} | {_f(s['macro_f1'])} |" for lv, s in m["levels"].items()]
     if "baselines" in m:
@@ -279,6 +280,39 @@ def summary_markdown(m: dict) -> str:
     lines += [f"| {r['label']} | {r['support']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} |" for r in worst]
     lines += ["", "Plots: `confusion.png`, `reliability.png` (name + photo).", ""]
     return "\n".join(lines)
+
+
+COMPARISONS = [  # (items, model condition, baseline, baseline subset)
+    ("all items, as served (name + photo where there is one)", "name_and_photo", "name_tfidf_linearsvc", "all"),
+    ("all items, name only", "name_only", "name_tfidf_linearsvc", "all"),
+    ("photo items, name + photo", "photo:name_and_photo", "name_tfidf_linearsvc", "photo_items"),
+    ("photo items, leaf words removed from the name", "photo:leaf_words_removed_and_photo", "name_tfidf_linearsvc",
+     "photo_items_leaf_words_removed"),
+    ("photo items, photo only", "photo:photo_only", "photo_frozen_lite0_knn5", "photo_items"),
+]
+
+
+def comparison_lines(m: dict) -> list[str]:
+    """The fused model beside the baselines on exactly the same items."""
+    base = m.get("baselines")
+    if not base:
+        return []
+    lines = ["", "## Fused model vs baselines (same items)", "",
+             "| items | n | model: accuracy | model: macro-F1 | baseline | baseline: accuracy | baseline: macro-F1 | Δ accuracy | Δ macro-F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for items, cond, b, subset in COMPARISONS:
+        s, bs = m["conditions"].get(cond), base.get(b, {}).get(subset)
+        if not s or not bs:
+            continue
+        lines.append(f"| {items} | {s['n']} | {_f(s['acc'])} | {_f(s['macro_f1'])} | {b} | {_f(bs['acc'])} | {_f(bs['macro_f1'])} | "
+                     f"{s['acc'] - bs['acc']:+.4f} | {s['macro_f1'] - bs['macro_f1']:+.4f} |")
+    photo = m["conditions"].get("photo:name_and_photo")
+    if photo:
+        best = max(m["conditions"]["photo:name_only"]["acc"], m["conditions"]["photo:photo_only"]["acc"])
+        lines += ["", f"On the photo items the fused model scores {photo['acc']:.4f}, its best single input "
+                      f"{best:.4f} ({photo['acc'] - best:+.4f}): adding the photo "
+                      f"{'helps' if photo['acc'] > best else 'does not help'}."]
+    return lines
 
 
 # ---------------------------------------------------------------- CLI

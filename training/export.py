@@ -1,4 +1,5 @@
-"""Export: the trained net + temperature → one ONNX graph + manifest.json, checked before it is kept.
+"""Export: the fused net (text head + image head + mix) + temperature → one ONNX graph + manifest.json,
+checked before it is kept.
 
 The directory is assembled beside the target and swapped in at the end, so a reader never sees a
 half-written model. Parity: ONNX Runtime and PyTorch must agree on held-out items (with and without
@@ -113,7 +114,8 @@ def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, c
         },
         "outputs": {
             "probs": {"dtype": "float32", "shape": ["batch", len(labels)], "note": "calibrated (temperature inside)"},
-            "embedding": {"dtype": "float32", "shape": ["batch", config["hidden"]], "note": "L2-normalised"},
+            "embedding": {"dtype": "float32", "shape": ["batch", len(labels)],
+                          "note": "L2-normalised fused logits (position in category space)"},
         },
         "onnx": {"file": ONNX_FILE, "sha256": digest, "opset": OPSET, "parity": parity},
         "validation": val_metrics,

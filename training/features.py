@@ -141,3 +141,24 @@ def trunk_activations(refs: list[str], cut: int, views: int = 1, progress: bool 
     if os.path.exists(ok_path):
         ok = np.load(ok_path)
     return out, ok
+
+
+def pooled_features(acts: np.ndarray, cut: int, progress: bool = True, batch: int = 256) -> np.ndarray:
+    """Trunk activations of one view → pooled 1280-d features of the frozen Lite0 tower (float32 [N, 1280]).
+
+    Cached beside the activations; the key is a sample of the activations' bytes (+ shape, cut, weights)."""
+    from training.model import ImageTower, lite0_weights_path
+
+    acts = np.asarray(acts)
+    h = hashlib.sha1(f"{CACHE_VERSION}:{cut}:{acts.shape}:{os.path.getsize(lite0_weights_path())}".encode())
+    h.update(np.ascontiguousarray(acts[:: max(1, len(acts) // 512)]).tobytes())
+    path = os.path.join(cache_dir(), f"pooled-{h.hexdigest()[:20]}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    tower = ImageTower(cut).eval()
+    out = np.zeros((len(acts), 1280), np.float32)
+    with torch.no_grad():
+        for s in tqdm(range(0, len(acts), batch), desc="pooled photo features", disable=not progress, mininterval=2):
+            out[s : s + batch] = tower.head(torch.from_numpy(acts[s : s + batch].astype(np.float32))).numpy()
+    _atomic_save(path, lambda f: np.save(f, out))
+    return out

@@ -1,12 +1,17 @@
-"""The fused name + photo network, and the exported graph around it.
+"""The late-fusion name + photo network, and the exported graph around it.
 
-  token ids ─► embedding ─► masked mean ‖ max pool ─► text vector ─┐
-  uint8 photo ─► (x-127)/128 ─► Lite0 trunk (frozen) ─► last blocks ─► pool ─► image vector ─┤
-                                              presence flags (has name, has photo) ─────────┴─► MLP ─► logits / T
+  token ids ─► unigrams + hashed word pairs ─► TF-IDF weights ─► linear text head ─► text logits ─┐
+  uint8 photo ─► (x-127)/128 ─► Lite0 (frozen, ImageNet) ─► pooled 1280-d ─► linear image head ─► image logits ─┤
+                                    presence (name? photo?) picks the mixing weights ──────────────┴─► logits / T
 
-The trunk is frozen, so training runs from its cached activations (`ImageTower.trunk` output) and
-only the last blocks learn. A missing modality is multiplied out and flagged, never imagined:
-modality dropout during training teaches the MLP to decide from whatever is present.
+Each head is trained on its own with its own loss (text: all training names; image: training photos),
+so neither can lean on the other. The heads are combined as a product of experts,
+  logits = a_t[c] · text_logits + a_i[c] · g · image_logits,  c = (name + photo | name only | photo only),
+where, for name + photo, g = (1 - max softmax(a_t · text_logits))^gate lets the photo speak when the name
+is vague (e.g. it lacks the category's own words) and keeps it quiet when the name is sure. The mixing
+weights and the gate are fitted by NLL on held-out (validation) predictions, never on training
+predictions: a branch that is unreliable there gets a small weight.
+A missing modality is multiplied out, never imagined.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 IMAGE_FEATURES = 1280
+PAIR_PRIME = 1_000_003  # word-pair hash: (a · PAIR_PRIME + b) mod pair_space
+GATE_FLOOR = 1e-3  # lower bound of the name's doubt in the gate (keeps the graph numerically tame)
 
 
 def load_lite0():
@@ -36,7 +43,8 @@ def lite0_weights_path() -> str:
 
 
 class ImageTower(nn.Module):
-    """EfficientNet-Lite0 split at block `cut`: trunk (frozen, cached) → head (fine-tuned) → 1280-d."""
+    """EfficientNet-Lite0 split at block `cut`: trunk (cached activations) → head (last blocks) → 1280-d.
+    The whole tower stays frozen at its ImageNet weights here; only the linear image head learns."""
 
     def __init__(self, cut: int):
         super().__init__()
@@ -46,7 +54,7 @@ class ImageTower(nn.Module):
         self.frozen = nn.ModuleList(net._blocks[:cut])
         self.tail = nn.ModuleList(net._blocks[cut:])
         self.conv_head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
-        for p in [*self.stem.parameters(), *self.frozen.parameters()]:
+        for p in self.parameters():
             p.requires_grad_(False)
 
     @staticmethod
@@ -70,10 +78,7 @@ class ImageTower(nn.Module):
         return self.head(self.trunk(image_u8))
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        # frozen BatchNorms keep their ImageNet statistics: the cache was computed with them
-        self.stem.eval()
-        self.frozen.eval()
+        super().train(False)  # frozen: BatchNorms keep their ImageNet statistics (the cache was computed with them)
         return self
 
 
@@ -88,70 +93,86 @@ class TrunkOnly(nn.Module):
         return self.tower.trunk(image)
 
 
-class TextTower(nn.Module):
-    """fastText-style bag of words + hashed word bigrams (computed in-graph from the token ids, so the
-    serving tokenizer stays unigram-only), pooled by masked mean ‖ max."""
+def pair_ids(token_ids: torch.Tensor, n_ids: int, pair_space: int) -> torch.Tensor:
+    """[B, L] token ids → [B, 2L-1] feature ids: the words, then hashed adjacent pairs (0 = none)."""
+    a, b = token_ids[:, :-1], token_ids[:, 1:]
+    pair = n_ids + (a * PAIR_PRIME + b) % pair_space
+    return torch.cat([token_ids, torch.where((a > 0) & (b > 0), pair, torch.zeros_like(pair))], dim=1)
 
-    def __init__(self, n_ids: int, dim: int, bigram_buckets: int, n_labels: int):
+
+class TextHead(nn.Module):
+    """Linear classifier over L2-normalised TF-IDF of words + word pairs (what TF-IDF + LinearSVC does),
+    trained with a multinomial loss. Feature ids (words < n_ids, pairs hashed into pair_space) go
+    through `remap` to a compact row: only features seen in training own a row (row 0 = nothing:
+    padding or unseen, idf 0), which keeps the table small while pair collisions stay rare.
+    The table is stored as float16 (the graph casts after the lookup)."""
+
+    def __init__(self, n_ids: int, pair_space: int, n_rows: int, n_labels: int):
         super().__init__()
-        self.n_ids, self.bigram_buckets = n_ids, bigram_buckets
-        # sparse: a step touches only the rows of the words in the batch (SparseAdam)
-        self.emb = nn.Embedding(n_ids + bigram_buckets, dim, padding_idx=0, sparse=True)
-        # small init: rows never seen in training (unseen hashed bigrams) then add little noise
-        nn.init.normal_(self.emb.weight, std=0.05)
-        with torch.no_grad():
-            self.emb.weight[0].zero_()
-        # the "wide" part: a linear bag-of-words classifier (what TF-IDF + SVM does), added to the logits;
-        # it memorises rare brand / model words that a 128-d mean dilutes
-        self.wide = nn.Embedding(n_ids + bigram_buckets, n_labels, padding_idx=0, sparse=True)
-        nn.init.zeros_(self.wide.weight)
+        self.n_ids, self.pair_space = n_ids, pair_space
+        self.register_buffer("remap", torch.zeros(n_ids + pair_space, dtype=torch.int32))
+        self.register_buffer("idf", torch.zeros(n_rows))
+        self.register_buffer("weight", torch.zeros(n_rows, n_labels, dtype=torch.float16))
+        self.register_buffer("bias", torch.zeros(n_labels))
 
-    def tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if not self.bigram_buckets:
-            return token_ids
-        a, b = token_ids[:, :-1], token_ids[:, 1:]
-        bigram = self.n_ids + (a * 1_000_003 + b) % self.bigram_buckets
-        return torch.cat([token_ids, torch.where((a > 0) & (b > 0), bigram, torch.zeros_like(bigram))], dim=1)
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.remap[pair_ids(token_ids, self.n_ids, self.pair_space)].long()
 
     def forward(self, token_ids: torch.Tensor):
-        """→ (text vector [B, 2·dim], wide logits [B, n_labels], has_text [B]); no name gives zeros."""
-        ids = self.tokens(token_ids)
-        mask = (ids > 0).unsqueeze(-1).float()
-        e = self.emb(ids) * mask
-        count = mask.sum(1)
-        mean = e.sum(1) / count.clamp(min=1.0)
-        mx = (e - (1.0 - mask) * 1e4).max(1).values * (count > 0).float()
-        wide = (self.wide(ids) * mask).sum(1) / count.clamp(min=1.0).sqrt()
-        return torch.cat([mean, mx], dim=1), wide, (count.squeeze(-1) > 0).float()
+        """→ (logits [B, n_labels], has_text [B]); a name with no known feature gives has_text 0."""
+        rows = self.rows(token_ids)
+        w = self.idf[rows]  # [B, F]
+        norm = w.pow(2).sum(1, keepdim=True).sqrt()
+        has_text = (norm.squeeze(1) > 0).float()
+        w = w / norm.clamp(min=1e-6)
+        logits = (self.weight[rows].float() * w.unsqueeze(-1)).sum(1) + self.bias
+        return logits, has_text
+
+
+class ImageHead(nn.Module):
+    """Frozen Lite0 → pooled 1280-d → linear (feature standardisation folded into the weights)."""
+
+    def __init__(self, cut: int, n_labels: int):
+        super().__init__()
+        self.tower = ImageTower(cut)
+        self.linear = nn.Linear(IMAGE_FEATURES, n_labels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, image_u8: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.tower(image_u8))
 
 
 class FusedNet(nn.Module):
-    def __init__(self, n_ids: int, n_labels: int, cut: int, text_dim: int = 128, hidden: int = 512,
-                 dropout: float = 0.3, bigram_buckets: int = 0):
+    """Text head + image head + the presence-dependent mixing weights."""
+
+    def __init__(self, n_ids: int, n_labels: int, cut: int, pair_space: int = 16, n_rows: int | None = None):
         super().__init__()
-        self.text = TextTower(n_ids, text_dim, bigram_buckets, n_labels)
-        self.image = ImageTower(cut)
-        self.image_proj = nn.Sequential(nn.Dropout(0.4), nn.Linear(IMAGE_FEATURES, hidden))
-        self.text_proj = nn.Linear(2 * text_dim, hidden)
-        self.presence = nn.Linear(2, hidden)  # a learned offset per modality combination
-        self.fuse = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, n_labels))
+        self.text = TextHead(n_ids, pair_space, n_rows or n_ids + pair_space, n_labels)
+        self.image = ImageHead(cut, n_labels)
+        # rows: name + photo, name only, photo only; columns: text weight, image weight
+        self.register_buffer("mix", torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+        # name + photo: the photo's weight shrinks as the name gets sure, a_i · (1 - p_text_max)^gate,
+        # so a confident, usually right name is not overruled, while a vague one leans on the photo
+        self.register_buffer("gate", torch.tensor(0.0))
 
-    def outputs(self, token_ids, image_vec, image_present):
-        """→ (logits, fused hidden vector); image_vec = pooled image features [B, 1280], zeros if no photo."""
-        text_vec, wide, has_text = self.text(token_ids)
-        h = self.text_proj(text_vec) * has_text.unsqueeze(1)
-        h = h + self.image_proj(image_vec) * image_present.unsqueeze(1)
-        h = self.fuse(h + self.presence(torch.stack([has_text, image_present], dim=1)))
-        return self.classifier(h) + wide, h
+    def combine(self, text_logits, has_text, image_logits, image_present):
+        both = has_text * image_present
+        t_only = has_text * (1.0 - image_present)
+        i_only = (1.0 - has_text) * image_present
+        doubt = 1.0 - F.softmax(self.mix[0, 0] * text_logits, dim=1).max(1).values
+        a_t = both * self.mix[0, 0] + t_only * self.mix[1, 0]
+        a_i = both * self.mix[0, 1] * doubt.clamp(min=GATE_FLOOR).pow(self.gate) + i_only * self.mix[2, 1]
+        return a_t.unsqueeze(1) * text_logits + a_i.unsqueeze(1) * image_logits
 
-    def forward(self, token_ids, image_vec, image_present):
-        """Training forward → logits."""
-        return self.outputs(token_ids, image_vec, image_present)[0]
+    def forward(self, token_ids, image, image_present):
+        t, has_text = self.text(token_ids)
+        return self.combine(t, has_text, self.image(image), image_present)
 
 
 class ServingGraph(nn.Module):
-    """The exported contract: (token_ids, uint8 image, image_present) → (probs, embedding)."""
+    """The exported contract: (token_ids, uint8 image, image_present) → (probs, embedding).
+    The embedding is the L2-normalised fused logit vector (a product's position in category space)."""
 
     def __init__(self, net: FusedNet, temperature: float):
         super().__init__()
@@ -159,6 +180,6 @@ class ServingGraph(nn.Module):
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
 
     def forward(self, token_ids, image, image_present):
-        logits, h = self.net.outputs(token_ids, self.net.image(image), image_present)
+        logits = self.net(token_ids, image, image_present)
         probs = F.softmax(logits * self.inv_t, dim=1)
-        return probs, F.normalize(h, dim=1)
+        return probs, F.normalize(logits, dim=1)

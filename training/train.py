@@ -1,58 +1,66 @@
-"""`prodcat train`: data → vocabulary → cached photo features → fused net → temperature + threshold on
+"""`prodcat train`: data → vocabulary → text head (TF-IDF words + word pairs, multinomial logistic
+regression) and image head (frozen Lite0 pooled features, multinomial logistic regression), each
+trained on its own → late-fusion weights, temperature and "uncertain" threshold fitted on
 validation → ONNX model directory (see training/export.py). The test split is never read here.
+
+Why late fusion: a joint net trained on the training split learns to trust whichever branch fits
+*the training data* best; the image branch memorises its few thousand photos, so the joint net
+trusted it too much and the photo made predictions worse. Here each head gets its own loss and the
+mix is fitted on held-out predictions, where an over-fitted branch shows its real reliability.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from common.tokenize import Tokenizer, TokenizerConfig
 from training.data import DATASETS, DataError, Dataset, leaf_words_removed, load_dataset, load_table
-from training.features import trunk_activations, tokenized
-from training.model import IMAGE_FEATURES, FusedNet
+from training.features import pooled_features, trunk_activations, tokenized
+from training.model import GATE_FLOOR, IMAGE_FEATURES, PAIR_PRIME, FusedNet
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Config:
-    epochs: int = 12
-    batch: int = 128
-    lr: float = 3e-3  # text, fusion, classifier
-    lr_image: float = 5e-4  # the pretrained blocks being fine-tuned
-    weight_decay: float = 1e-4
-    cut: int = 15  # Lite0 blocks [0, cut) frozen + cached, [cut, 16) + head conv fine-tuned
-    views: int = 2  # cached photo views: 1 = as is, 2 = + mirrored (augmentation)
-    text_dim: int = 128
-    hidden: int = 512
+    cut: int = 15  # Lite0 blocks [0, cut) cached as activations; the rest run once to pool features
+    views: int = 2  # photo views for the image head: 1 = as is, 2 = + mirrored (augmentation)
     max_tokens: int = 32
     min_count: int = 2  # rarer training words go to hashed OOV buckets (which they train)
     oov_buckets: int = 2000
-    bigram_buckets: int = 50_000  # hashed word pairs, in-graph
-    # modality / word dropout (why: robust to a missing name or photo, and to names without the leaf word)
-    p_drop_text: float = 0.35  # of items with a photo: train on the photo alone
-    p_drop_image: float = 0.4  # of items with a photo: train on the name alone
-    p_drop_leaf_words: float = 0.3  # names with the leaf's own words removed (items with a photo)
-    p_drop_token: float = 0.05
-    label_smoothing: float = 0.05  # some labels are noisy (e.g. Tshirts filed under Belts)
+    pair_space: int = 1 << 18  # hash space of adjacent word pairs (in-graph); only pairs seen in training get a row
+    pair_min_count: int = 1
+    text_c: float = 10.0  # inverse L2 strength of the text head (text_model "logreg")
+    image_c: float = 0.05  # inverse L2 strength of the image head (standardised features)
+    text_model: str = "svm"  # "logreg" (multinomial) or "svm" (one-vs-rest squared hinge, margins scaled by the mix)
+    svm_c: float = 0.5
+    text_leaf_removed_weight: float = 0.3  # also train the text head on photo items' names minus the leaf's words
+    class_weight_power: float = 0.25  # loss weight of a class ∝ (1 / frequency)^power: rare classes count more
+    max_iter: int = 300  # L-BFGS iterations per head
+    epochs: int = 0  # CLI --epochs N: caps the solvers at 25·N iterations (quick runs); 0 = max_iter
+    finetune_epochs: int = 6  # image head: fine-tune the tower's last blocks on the training photos (0 = frozen)
+    finetune_lr: float = 3e-4
+    finetune_wd: float = 0.05
+    finetune_dropout: float = 0.3
+    finetune_batch: int = 64
+    fusion_gate: bool = True  # the photo's weight shrinks as the name gets sure (see model.FusedNet)
+    fusion_leaf_removed_share: float = 0.1  # weight of names without the leaf's words in the name+photo mix fit
     max_flagged: float = 0.10  # the "uncertain" threshold may flag at most this share of validation
     int8: bool = True  # try an int8 image tower (model.int8.onnx), kept only if validation holds
     seed: int = 0
     threads: int = 2
 
 
-FAST = dict(epochs=6, views=1, int8=False)
+FAST = dict(views=1, max_iter=150, finetune_epochs=3, int8=False)
 
 
 def build_vocab(words: list[list[str]], min_count: int) -> tuple[str, ...]:
@@ -71,7 +79,7 @@ class SplitData:
     ids: np.ndarray  # int64 [N, L]
     ids_no_leaf: np.ndarray  # int64 [N, L]
     y: np.ndarray  # int64 [N]
-    photo: np.ndarray  # int64 [N], row in the activation cache or -1
+    photo: np.ndarray  # int64 [N], row in the photo feature cache or -1
 
 
 def _ids(tok: Tokenizer, words: list[str]) -> np.ndarray:
@@ -87,88 +95,380 @@ def make_split(items, words, tok, label_index, photo_row, label_words) -> SplitD
     )
 
 
-def _image_vectors(net: FusedNet, acts: np.ndarray, rows: np.ndarray, present: np.ndarray) -> torch.Tensor:
-    """Pooled image features for the rows that have a (kept) photo; zeros elsewhere."""
-    out = torch.zeros(len(rows), IMAGE_FEATURES)
-    sel = np.nonzero(present > 0)[0]
+# ---------------------------------------------------------------- text features (mirror of model.TextHead)
+
+
+def feature_ids(ids: np.ndarray, n_ids: int, pair_space: int) -> np.ndarray:
+    """numpy twin of model.pair_ids: [N, L] → [N, 2L-1] word + hashed word-pair feature ids."""
+    ids = ids.astype(np.int64)
+    a, b = ids[:, :-1], ids[:, 1:]
+    pair = n_ids + (a * PAIR_PRIME + b) % pair_space
+    return np.concatenate([ids, np.where((a > 0) & (b > 0), pair, 0)], axis=1)
+
+
+@dataclass
+class TextFeatures:
+    n_ids: int
+    pair_space: int
+    remap: np.ndarray  # int32 [n_ids + pair_space] → compact row (0 = none)
+    idf: np.ndarray  # float32 [n_rows], idf[0] = 0
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.idf)
+
+    def matrix(self, ids: np.ndarray):
+        """→ (CSR [N, n_rows] of L2-normalised idf weights, has_text [N]) exactly as the graph computes them."""
+        rows = self.remap[feature_ids(ids, self.n_ids, self.pair_space)].astype(np.int64)
+        w = self.idf[rows]
+        norm = np.sqrt((w * w).sum(1, keepdims=True, dtype=np.float32))
+        vals = w / np.maximum(norm, 1e-6)
+        m = rows > 0
+        r = np.nonzero(m)[0]
+        x = sparse.csr_matrix((vals[m], (r, rows[m])), shape=(len(ids), self.n_rows), dtype=np.float32)
+        x.sum_duplicates()
+        return x, (norm[:, 0] > 0)
+
+
+def fit_text_features(ids: np.ndarray, n_ids: int, cfg: "Config") -> TextFeatures:
+    f = feature_ids(ids, n_ids, cfg.pair_space)
+    uniq, counts = np.unique(f[f > 0], return_counts=True)
+    keep = uniq[(uniq < n_ids) | (counts >= cfg.pair_min_count)]
+    remap = np.zeros(n_ids + cfg.pair_space, np.int32)
+    remap[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    rows = remap[f].astype(np.int64)
+    n_rows = len(keep) + 1
+    doc = np.repeat(np.arange(len(ids), dtype=np.int64), rows.shape[1])
+    r = rows.ravel()
+    pairs = np.unique(doc[r > 0] * n_rows + r[r > 0])
+    df = np.bincount(pairs % n_rows, minlength=n_rows)
+    idf = (np.log((1.0 + len(ids)) / (1.0 + df)) + 1.0).astype(np.float32)
+    idf[0] = 0.0
+    return TextFeatures(n_ids, cfg.pair_space, remap, idf)
+
+
+# ---------------------------------------------------------------- heads
+
+
+def class_weights(y: np.ndarray, n_labels: int, power: float) -> np.ndarray:
+    """Per-sample loss weights ∝ (1 / class frequency)^power, mean 1."""
+    counts = np.bincount(y, minlength=n_labels).astype(np.float64)
+    w = np.where(counts > 0, (len(y) / np.maximum(counts, 1)) ** power, 0.0)[y]
+    return w / w.mean()
+
+
+def fit_logreg(x, y: np.ndarray, n_labels: int, c: float, max_iter: int, sample_weight=None):
+    """Multinomial logistic regression (L-BFGS) → (W [features, n_labels], b [n_labels]); a class absent
+    from training gets a bias far below the others (never predicted)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    w = np.zeros((x.shape[1], n_labels), np.float32)
+    b = np.full(n_labels, -10.0, np.float32)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        b[classes] = 0.0
+        return w, b
+    clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y, sample_weight=sample_weight)
+    w[:, clf.classes_] = clf.coef_.T
+    b[clf.classes_] = clf.intercept_
+    missing = np.setdiff1d(np.arange(n_labels), clf.classes_)
+    b[missing] = clf.intercept_.min() - 10.0
+    return w, b
+
+
+def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None):
+    """One-vs-rest linear SVM (squared hinge) → (W, b) like fit_logreg. Its margins are not log-probabilities:
+    the fusion scale fitted by NLL on validation (and the temperature) turn them into calibrated ones."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    w = np.zeros((x.shape[1], n_labels), np.float32)
+    b = np.full(n_labels, -10.0, np.float32)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        b[classes] = 0.0
+        return w, b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = LinearSVC(C=c).fit(x, y, sample_weight=sample_weight)
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(classes) == 2:  # sklearn keeps one row for two classes: the margin of the second
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    w[:, clf.classes_] = coef.T
+    b[clf.classes_] = intercept
+    b[np.setdiff1d(np.arange(n_labels), clf.classes_)] = intercept.min() - 10.0
+    return w, b
+
+
+@dataclass
+class Heads:
+    text: TextFeatures
+    text_w: np.ndarray  # float16 [n_rows, n_labels] (as stored in the graph)
+    text_b: np.ndarray
+    image_w: np.ndarray  # float32 [1280, n_labels], standardisation folded in
+    image_b: np.ndarray
+    tower_state: dict | None = None  # the image tower's weights when its last blocks were fine-tuned
+    photo_feats: np.ndarray | None = None  # pooled features of every photo (view 0) through that tower
+
+    def text_logits(self, ids: np.ndarray):
+        x, has = self.text.matrix(ids)
+        return np.asarray(x @ self.text_w.astype(np.float32)) + self.text_b, has
+
+    def image_logits(self, feats: np.ndarray) -> np.ndarray:
+        return feats @ self.image_w + self.image_b
+
+
+def fit_heads(train: SplitData, feats: list[np.ndarray], n_ids: int, n_labels: int, cfg: "Config", acts=None,
+              progress: bool = False) -> Heads:
+    max_iter = 25 * cfg.epochs if cfg.epochs else cfg.max_iter
+    t0 = time.time()
+    text = fit_text_features(train.ids, n_ids, cfg)
+    x, _ = text.matrix(train.ids)
+    y, sw = train.y, class_weights(train.y, n_labels, cfg.class_weight_power)
+    if cfg.text_leaf_removed_weight > 0:  # + the photo items' names without the leaf's words, down-weighted
+        sel = np.nonzero(train.photo >= 0)[0]
+        x = sparse.vstack([x, text.matrix(train.ids_no_leaf[sel])[0]]).tocsr()
+        y, sw = np.concatenate([y, train.y[sel]]), np.concatenate([sw, sw[sel] * cfg.text_leaf_removed_weight])
+    if cfg.text_model == "svm":
+        tw, tb = fit_linear_svm(x, y, n_labels, cfg.svm_c, sw)
+    else:
+        tw, tb = fit_logreg(x, y, n_labels, cfg.text_c, max_iter, sw)
+    log.info("text head: %d feature rows, %.0f s", text.n_rows, time.time() - t0)
+
+    t0 = time.time()
+    iw, ib = np.zeros((IMAGE_FEATURES, n_labels), np.float32), np.zeros(n_labels, np.float32)
+    sel = np.nonzero(train.photo >= 0)[0]
     if len(sel):
-        out[sel] = net.image.head(torch.from_numpy(acts[rows[sel]].astype(np.float32)))
-    return out
+        f0 = feats[0][train.photo[sel]]
+        mean, std = f0.mean(0), f0.std(0) + 1e-2
+        xs = np.concatenate([(f[train.photo[sel]] - mean) / std for f in feats])
+        ys = np.tile(train.y[sel], len(feats))
+        w, b = fit_logreg(xs, ys, n_labels, cfg.image_c, max_iter, class_weights(ys, n_labels, cfg.class_weight_power))
+        iw = (w / std[:, None]).astype(np.float32)
+        ib = (b - mean @ iw).astype(np.float32)
+        log.info("image head: %d photos × %d views, %.0f s", len(sel), len(feats), time.time() - t0)
+    heads = Heads(text, tw.astype(np.float16), tb.astype(np.float32), iw, ib)
+    if len(sel) and cfg.finetune_epochs > 0 and acts:
+        finetune_image(heads, acts, train, n_labels, cfg, progress)
+    return heads
 
 
-@torch.no_grad()
-def predict_logits(net: FusedNet, acts: np.ndarray, ids: np.ndarray, photo: np.ndarray, batch: int = 512) -> np.ndarray:
-    net.eval()
-    out = []
-    for s in range(0, len(ids), batch):
-        rows = photo[s : s + batch]
-        present = (rows >= 0).astype(np.float32)
-        vec = _image_vectors(net, acts, rows, present)
-        out.append(net(torch.from_numpy(ids[s : s + batch]), vec, torch.from_numpy(present)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, net.classifier[-1].out_features), np.float32)
+def finetune_image(heads: Heads, acts: list, train: SplitData, n_labels: int, cfg: "Config", progress: bool) -> None:
+    """Fine-tune the tower's last blocks + the linear image head (started from the logistic regression) on
+    the training photos alone, with its own loss; strong regularisation (feature dropout, label
+    smoothing, weight decay, few epochs, BatchNorm statistics frozen). Over-confidence on the training
+    photos does no harm here: the fusion weights are fitted on validation."""
+    from tqdm import tqdm
 
+    from training.model import ImageHead
 
-def _augment(d: SplitData, idx: np.ndarray, cfg: Config, rng: np.random.Generator):
-    """Batch inputs with word, token and modality dropout."""
-    has_photo = d.photo[idx] >= 0
-    # leaf words are dropped only where a photo can stand in for them: on name-only items it would
-    # just teach the net to guess from brands, at the cost of plain name accuracy
-    no_leaf = has_photo & (rng.random(len(idx)) < cfg.p_drop_leaf_words)
-    ids = np.where(no_leaf[:, None], d.ids_no_leaf[idx], d.ids[idx])
-    ids = np.where(rng.random(ids.shape) < cfg.p_drop_token, 0, ids)
-    r = rng.random(len(idx))
-    present = (has_photo & (r >= cfg.p_drop_image)).astype(np.float32)
-    drop_text = has_photo & (present > 0) & (r >= 1 - cfg.p_drop_text)
-    ids[drop_text] = 0
-    return ids, present
-
-
-def train_net(net: FusedNet, train: SplitData, val: SplitData, acts: list[np.ndarray], cfg: Config, progress: bool):
+    t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
-    sparse = [net.text.emb.weight, net.text.wide.weight]
-    image_params = [p for n, p in net.named_parameters() if n.startswith("image.") and p.requires_grad]
-    other = [p for n, p in net.named_parameters() if not n.startswith(("image.", "text."))]
-    opts = [
-        torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": image_params, "lr": cfg.lr_image}],
-                          weight_decay=cfg.weight_decay),
-        torch.optim.SparseAdam(sparse, lr=cfg.lr),
-    ]
-    steps_per_epoch = math.ceil(len(train.y) / cfg.batch)
-    total_steps = cfg.epochs * steps_per_epoch
-    base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
-    history = []
-    for epoch in range(cfg.epochs):
-        net.train()
-        perm = rng.permutation(len(train.y))
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2)
+    head = ImageHead(cfg.cut, n_labels)
+    tuned = [*head.tower.tail.parameters(), *head.tower.conv_head.parameters()]
+    for p in tuned:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.from_numpy(heads.image_w.T.copy()))
+        head.linear.bias.copy_(torch.from_numpy(heads.image_b))
+    sel = np.nonzero(train.photo >= 0)[0]
+    views = [np.asarray(a[train.photo[sel]]) for a in acts]
+    y = torch.from_numpy(train.y[sel])
+    sw = torch.from_numpy(class_weights(train.y[sel], n_labels, cfg.class_weight_power)).float()
+    opt = torch.optim.AdamW([{"params": tuned, "lr": cfg.finetune_lr},
+                             {"params": head.linear.parameters(), "lr": cfg.finetune_lr}], weight_decay=cfg.finetune_wd)
+    steps = cfg.finetune_epochs * int(np.ceil(len(sel) / cfg.finetune_batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.finetune_lr, total_steps=steps, pct_start=0.1)
+    for epoch in range(cfg.finetune_epochs):
+        perm = rng.permutation(len(sel))
         total = 0.0
-        for step in bar:
-            idx = perm[step * cfg.batch : (step + 1) * cfg.batch]
-            ids, present = _augment(train, idx, cfg, rng)
-            view = acts[rng.integers(len(acts))]
-            vec = _image_vectors(net, view, train.photo[idx], present)
-            logits = net(torch.from_numpy(ids), vec, torch.from_numpy(present))
-            loss = F.cross_entropy(logits, torch.from_numpy(train.y[idx]), label_smoothing=cfg.label_smoothing)
-            for o, lrs in zip(opts, base_lrs):
-                for g, lr in zip(o.param_groups, lrs):
-                    g["lr"] = lr * _lr_factor(epoch * steps_per_epoch + step, total_steps)
-                o.zero_grad(set_to_none=True)
+        for s in tqdm(range(0, len(sel), cfg.finetune_batch), desc=f"image fine-tune {epoch + 1}/{cfg.finetune_epochs}",
+                      disable=not progress, mininterval=2):
+            idx = perm[s : s + cfg.finetune_batch]
+            x = torch.from_numpy(views[rng.integers(len(views))][idx].astype(np.float32))
+            logits = head.linear(F.dropout(head.tower.head(x), p=cfg.finetune_dropout, training=True))
+            loss = (F.cross_entropy(logits, y[idx], reduction="none", label_smoothing=0.1) * sw[idx]).mean()
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            for o in opts:
-                o.step()
-            total += loss.item()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{total / (step + 1):.3f}")
-        acc = float((predict_logits(net, acts[0], val.ids, val.photo).argmax(1) == val.y).mean())
-        history.append({"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "val_acc": acc})
-        log.info("epoch %d: loss %.4f, val acc %.4f", epoch + 1, total / steps_per_epoch, acc)
-    return history
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        log.info("image fine-tune epoch %d: loss %.4f", epoch + 1, total / len(sel))
+    for p in tuned:
+        p.requires_grad_(False)
+    out = np.zeros((len(acts[0]), IMAGE_FEATURES), np.float32)
+    with torch.no_grad():
+        for s in range(0, len(out), 256):
+            out[s : s + 256] = head.tower.head(torch.from_numpy(np.asarray(acts[0][s : s + 256], dtype=np.float32))).numpy()
+    heads.image_w = head.linear.weight.detach().numpy().T.copy()
+    heads.image_b = head.linear.bias.detach().numpy().copy()
+    heads.tower_state = {k: v.clone() for k, v in head.tower.state_dict().items()}
+    heads.photo_feats = out
+    log.info("image fine-tune: %d photos, %d epochs, %.0f s", len(sel), cfg.finetune_epochs, time.time() - t0)
 
 
-def _lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    w = max(1, int(total * warmup))
-    return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+# ---------------------------------------------------------------- fusion (mirror of FusedNet.combine)
+
+
+def fuse(mix: np.ndarray, t: np.ndarray, has_text: np.ndarray, i: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """mix: [4, 2]: rows name + photo, name only, photo only (text weight, image weight), then (gate, 0)."""
+    has_text, present = has_text.astype(np.float32)[:, None], present.astype(np.float32)[:, None]
+    both, t_only, i_only = has_text * present, has_text * (1 - present), (1 - has_text) * present
+    doubt = 1.0 - softmax(mix[0, 0] * t).max(1, keepdims=True)
+    a_t = both * mix[0, 0] + t_only * mix[1, 0]
+    a_i = both * mix[0, 1] * np.maximum(doubt, GATE_FLOOR) ** mix[3, 0] + i_only * mix[2, 1]
+    return a_t * t + a_i * i
+
+
+def fit_gated(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], gate: bool) -> np.ndarray:
+    """(a_t, a_i, gate) minimising Σ weight · NLL(a_t·t + a_i·(1 - max softmax(a_t·t))^gate · i, y) over
+    the parts [(text logits, image logits, y, weight)]; gate fixed at 0 when `gate` is False."""
+    params = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    data = [(torch.from_numpy(t.astype(np.float64)), torch.from_numpy(i.astype(np.float64)), torch.from_numpy(y), w)
+            for t, i, y, w in parts if len(y) and w > 0]
+    if not data:
+        return np.array([1.0, 1.0, 0.0])
+
+    def fused(p, t, i):
+        a_t, a_i, k = p.clamp(-8, 4).exp()
+        k = k if gate else torch.zeros((), dtype=torch.float64)
+        doubt = 1.0 - F.softmax(a_t * t, 1).max(1).values
+        return a_t * t + (a_i * doubt.clamp(min=GATE_FLOOR) ** k)[:, None] * i
+
+    opt = torch.optim.LBFGS([params], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(w * F.cross_entropy(fused(params, t, i), y) for t, i, y, w in data)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a_t, a_i, k = params.detach().clamp(-8, 4).exp().numpy()
+    return np.array([a_t, a_i, k if gate else 0.0])
+
+
+def fit_scales(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], n_scales: int) -> np.ndarray:
+    """Scales a ≥ 0 minimising Σ weight · NLL(Σ_k a_k · logits_k, y) over the parts [(logits [k, N, C], y, _, weight)]."""
+    log_a = torch.zeros(n_scales, dtype=torch.float64, requires_grad=True)
+    data = [(torch.from_numpy(np.asarray(lg, np.float64)), torch.from_numpy(y), w) for lg, y, _, w in parts if len(y)]
+    if not data:
+        return np.ones(n_scales)
+    opt = torch.optim.LBFGS([log_a], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        a = log_a.clamp(-8, 4).exp()
+        loss = sum(w * F.cross_entropy((a[:, None, None] * lg).sum(0), y) for lg, y, w in data)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return log_a.detach().clamp(-8, 4).exp().numpy()
+
+
+@dataclass
+class HeldOut:
+    """Head outputs on one split (validation): everything the mix fit and the metrics need."""
+
+    y: np.ndarray
+    t_full: np.ndarray
+    has_full: np.ndarray
+    t_no_leaf: np.ndarray
+    has_no_leaf: np.ndarray
+    img: np.ndarray  # image logits (zeros where no photo)
+    present: np.ndarray  # bool
+
+    def subset(self, rows) -> "HeldOut":
+        return HeldOut(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def held_out(heads: Heads, d: SplitData, feats0: np.ndarray) -> HeldOut:
+    if heads.photo_feats is not None:
+        feats0 = heads.photo_feats
+    t_full, has_full = heads.text_logits(d.ids)
+    t_nl, has_nl = heads.text_logits(d.ids_no_leaf)
+    present = d.photo >= 0
+    img = np.zeros_like(t_full)
+    if present.any():
+        img[present] = heads.image_logits(feats0[d.photo[present]])
+    return HeldOut(d.y, t_full, has_full, t_nl, has_nl, img, present)
+
+
+def fit_mix(h: HeldOut, cfg: "Config") -> np.ndarray:
+    """The 3×2 mixing weights (rows: name + photo, name only, photo only; columns: text, image)."""
+    mix = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    (a_t,) = fit_scales([(h.t_full[h.has_full][None], h.y[h.has_full], None, 1.0)], 1)
+    mix[1, 0] = a_t
+    p = h.present
+    if p.any():
+        (a_i,) = fit_scales([(h.img[p][None], h.y[p], None, 1.0)], 1)
+        both = p & h.has_full
+        both_nl = p & h.has_no_leaf
+        s = cfg.fusion_leaf_removed_share
+        a_t2, a_i2, k = fit_gated([
+            (h.t_full[both], h.img[both], h.y[both], 1.0 - s),
+            (h.t_no_leaf[both_nl], h.img[both_nl], h.y[both_nl], s),
+        ], cfg.fusion_gate)
+        mix[0] = [a_t2, a_i2]
+        mix[2, 1] = a_i
+        mix[3, 0] = k
+    else:
+        mix[0] = [a_t, 0.0]
+    return mix
+
+
+def conditions(mix: np.ndarray, h: HeldOut) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fused logits + labels for every evaluation condition (the same ones `prodcat evaluate` scores)."""
+    none = np.zeros(len(h.y), bool)
+    out = {
+        "name_and_photo": fuse(mix, h.t_full, h.has_full, h.img, h.present),
+        "name_only": fuse(mix, h.t_full, h.has_full, h.img, none),
+    }
+    res = {k: (v, h.y) for k, v in out.items()}
+    p = h.present
+    if p.any():
+        s = h.subset(p)
+        no_name = np.zeros(len(s.y), bool)
+        yes = np.ones(len(s.y), bool)
+        res["photo:name_and_photo"] = (fuse(mix, s.t_full, s.has_full, s.img, yes), s.y)
+        res["photo:name_only"] = (fuse(mix, s.t_full, s.has_full, s.img, ~yes), s.y)
+        res["photo:photo_only"] = (fuse(mix, s.t_full, no_name, s.img, yes), s.y)
+        res["photo:leaf_words_removed_and_photo"] = (fuse(mix, s.t_no_leaf, s.has_no_leaf, s.img, yes), s.y)
+        res["photo:leaf_words_removed_only"] = (fuse(mix, s.t_no_leaf, s.has_no_leaf, s.img, ~yes), s.y)
+    return res
+
+
+def score(logits: np.ndarray, y: np.ndarray) -> dict:
+    from sklearn.metrics import f1_score
+
+    if len(y) == 0:
+        return {"acc": None, "macro_f1": None}
+    pred = logits.argmax(1)
+    return {"acc": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0))}
+
+
+def cross_fitted_metrics(h: HeldOut, cfg: "Config") -> dict:
+    """Validation metrics with the mix fitted on one half of validation and scored on the other (both
+    ways), so the reported figures are not scored on the data the mix was fitted to."""
+    halves = np.arange(len(h.y)) % 2
+    parts: dict[str, list] = {}
+    for k in (0, 1):
+        if not (halves == k).any():
+            continue
+        mix = fit_mix(h.subset(halves != k), cfg)
+        for cond, (lg, y) in conditions(mix, h.subset(halves == k)).items():
+            parts.setdefault(cond, []).append((lg, y))
+    return {cond: score(np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps])) for cond, ps in parts.items()}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -220,19 +520,24 @@ def load_source(dataset: str | None, data_dir: str | None, csv_path: str | None)
     return load_dataset(dataset, data_dir or "../shared/data")
 
 
-def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, progress=True, csv_path=None, **overrides) -> dict:
-    """Train, calibrate and export one model directory; returns its manifest. `dataset` is a name or a Dataset."""
-    from training.export import export_model
+@dataclass
+class Prepared:
+    ds: Dataset
+    labels: list[str]
+    tok_cfg: TokenizerConfig
+    tok: Tokenizer
+    train: SplitData
+    val: SplitData
+    val_items: list
+    photo_row: dict
+    feats: list[np.ndarray]  # pooled photo features per view [n_photos, 1280]
+    acts: list  # trunk activations per view [n_photos, C, H, W] (memory-mapped cache)
 
-    t0 = time.time()
-    cfg = dataclasses.replace(Config(), **{**(FAST if fast else {}), **overrides})
-    torch.set_num_threads(cfg.threads)  # explicit: the cores are shared with other processes
-    torch.manual_seed(cfg.seed)
-    ds = dataset if isinstance(dataset, Dataset) else load_source(dataset, data_dir, csv_path)
+
+def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
     train_items, val_items = ds.split("train"), ds.split("val")
     if not train_items or not val_items:
         raise DataError(f"{ds.name}: too few rows for a train and a validation split ({len(ds.items)} rows)")
-
     labels = sorted({it.label for it in ds.items})
     label_index = {lab: i for i, lab in enumerate(labels)}
     base_tok = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens))
@@ -245,37 +550,95 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
     # photo features of every split at once (one cache entry); the test rows are not used here
     with_photo = [it for it in ds.items if it.image]
     acts, ok = trunk_activations([it.image for it in with_photo], cfg.cut, cfg.views, progress)
-    acts = [np.asarray(a) for a in acts]  # into memory: random row access during training
+    feats = [pooled_features(a, cfg.cut, progress) for a in acts]
     photo_row = {it.id: i for i, it in enumerate(with_photo) if ok[i]}
-    if not acts:
-        acts = [np.zeros((0, 1, 1, 1), np.float16)]
+    if not feats:
+        feats = [np.zeros((0, IMAGE_FEATURES), np.float32)]
 
     train = make_split(train_items, [words[it.id] for it in train_items], tok, label_index, photo_row, label_words)
     val = make_split(val_items, [words[it.id] for it in val_items], tok, label_index, photo_row, label_words)
     log.info("%s: %d labels, vocab %d, train %d (%d with photo), val %d", ds.name, len(labels), len(vocab),
              len(train.y), int((train.photo >= 0).sum()), len(val.y))
+    return Prepared(ds, labels, tok_cfg, tok, train, val, val_items, photo_row, feats, list(acts))
 
-    net = FusedNet(tok_cfg.n_ids, len(labels), cfg.cut, cfg.text_dim, cfg.hidden, bigram_buckets=cfg.bigram_buckets)
-    history = train_net(net, train, val, acts, cfg, progress)
 
-    logits = predict_logits(net, acts[0], val.ids, val.photo)
-    temperature = fit_temperature(logits, val.y)
+def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, progress=True, csv_path=None, **overrides) -> dict:
+    """Train, calibrate and export one model directory; returns its manifest. `dataset` is a name or a Dataset."""
+    from training.export import export_model
+
+    t0 = time.time()
+    cfg = dataclasses.replace(Config(), **{**(FAST if fast else {}), **overrides})
+    torch.set_num_threads(cfg.threads)  # explicit: the cores are shared with other processes
+    torch.manual_seed(cfg.seed)
+    ds = dataset if isinstance(dataset, Dataset) else load_source(dataset, data_dir, csv_path)
+    prep = prepare(ds, cfg, progress)
+    n_labels = len(prep.labels)
+
+    heads = fit_heads(prep.train, prep.feats, prep.tok_cfg.n_ids, n_labels, cfg, prep.acts, progress)
+    h = held_out(heads, prep.val, prep.feats[0])
+    val_scores = cross_fitted_metrics(h, cfg)
+    mix = fit_mix(h, cfg)
+    logits = conditions(mix, h)["name_and_photo"][0]
+    temperature = fit_temperature(logits, prep.val.y)
     probs = softmax(logits, temperature)
-    coverage = choose_threshold(probs, val.y, cfg.max_flagged)
-    val_metrics = validation_metrics(net, acts[0], val, temperature)
+    coverage = choose_threshold(probs, prep.val.y, cfg.max_flagged)
+    val_metrics = validation_metrics(val_scores, prep.val, temperature)
     val_metrics["uncertain"] = coverage
-    train_seconds = time.time() - t0
+    val_metrics["mix"] = {"name_and_photo": {"text": float(mix[0, 0]), "image": float(mix[0, 1])},
+                          "name_only": {"text": float(mix[1, 0])}, "photo_only": {"image": float(mix[2, 1])},
+                          "gate": float(mix[3, 0])}
+    log.info("validation: %s", val_metrics)
 
+    net = build_net(heads, mix, prep.tok_cfg.n_ids, n_labels, cfg)
+    train_seconds = time.time() - t0
     manifest = export_model(
-        net, temperature, out_dir, ds=ds, labels=labels, tok_cfg=tok_cfg, threshold=coverage["threshold"],
-        config=dataclasses.asdict(cfg) | {"fast": fast}, val_metrics=val_metrics, history=history,
-        train_seconds=train_seconds, parity_items=_parity_items(val_items, photo_row), tok=tok,
+        net, temperature, out_dir, ds=ds, labels=prep.labels, tok_cfg=prep.tok_cfg, threshold=coverage["threshold"],
+        config=dataclasses.asdict(cfg) | {"fast": fast}, val_metrics=val_metrics, history=[],
+        train_seconds=train_seconds, parity_items=_parity_items(prep.val_items, prep.photo_row), tok=prep.tok,
     )
-    if cfg.int8 and (val.photo >= 0).any():
-        manifest["int8"] = int8_variant(out_dir, val_items, val, photo_row)
+    if cfg.int8 and (prep.val.photo >= 0).any():
+        manifest["int8"] = int8_variant(out_dir, prep.val_items, prep.val, prep.photo_row)
         log.info("int8: %s", manifest["int8"])
     log.info("model written to %s in %.0f s", out_dir, time.time() - t0)
     return manifest
+
+
+def build_net(heads: Heads, mix: np.ndarray, n_ids: int, n_labels: int, cfg: "Config") -> FusedNet:
+    net = FusedNet(n_ids, n_labels, cfg.cut, cfg.pair_space, heads.text.n_rows).eval()
+    with torch.no_grad():
+        net.text.remap.copy_(torch.from_numpy(heads.text.remap))
+        net.text.idf.copy_(torch.from_numpy(heads.text.idf))
+        net.text.weight.copy_(torch.from_numpy(heads.text_w))
+        net.text.bias.copy_(torch.from_numpy(heads.text_b))
+        if heads.tower_state is not None:
+            net.image.tower.load_state_dict(heads.tower_state)
+        net.image.linear.weight.copy_(torch.from_numpy(heads.image_w.T.copy()))
+        net.image.linear.bias.copy_(torch.from_numpy(heads.image_b))
+        net.mix.copy_(torch.from_numpy(mix[:3].astype(np.float32)))
+        net.gate.fill_(float(mix[3, 0]))
+    return net
+
+
+def validation_metrics(scores: dict, val: SplitData, temperature: float) -> dict:
+    """Cross-fitted validation scores, in the layout of earlier manifests (acc_* keys) plus macro-F1."""
+    def get(cond, key="acc"):
+        return scores[cond][key] if cond in scores else None
+
+    return {
+        "n": int(len(val.y)),
+        "n_with_photo": int((val.photo >= 0).sum()),
+        "temperature": temperature,
+        "acc_name_and_photo": get("name_and_photo"),
+        "acc_name_only": get("name_only"),
+        "macro_f1_name_and_photo": get("name_and_photo", "macro_f1"),
+        "photo_items": {
+            "acc_name_and_photo": get("photo:name_and_photo"),
+            "acc_photo_only": get("photo:photo_only"),
+            "acc_leaf_words_removed_and_photo": get("photo:leaf_words_removed_and_photo"),
+            "acc_name_only": get("photo:name_only"),
+        },
+        "conditions": scores,
+    }
 
 
 def int8_variant(out_dir: str, val_items, val: SplitData, photo_row, max_items: int = 600) -> dict:
@@ -316,29 +679,6 @@ def _parity_items(val_items, photo_row, n: int = 24):
     return items
 
 
-def validation_metrics(net, acts, val: SplitData, temperature: float) -> dict:
-    def acc(ids, photo, rows=slice(None)):
-        if len(val.y[rows]) == 0:
-            return None
-        return float((predict_logits(net, acts, ids[rows], photo[rows]).argmax(1) == val.y[rows]).mean())
-
-    has = np.nonzero(val.photo >= 0)[0]
-    no_photo = np.full(len(val.y), -1)
-    return {
-        "n": int(len(val.y)),
-        "n_with_photo": int(len(has)),
-        "temperature": temperature,
-        "acc_name_and_photo": acc(val.ids, val.photo),
-        "acc_name_only": acc(val.ids, no_photo),
-        "photo_items": {
-            "acc_name_and_photo": acc(val.ids, val.photo, has),
-            "acc_photo_only": acc(np.zeros_like(val.ids), val.photo, has),
-            "acc_leaf_words_removed_and_photo": acc(val.ids_no_leaf, val.photo, has),
-            "acc_name_only": acc(val.ids, no_photo, has),
-        },
-    }
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -348,8 +688,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--csv", dest="csv_path", help="generic CSV/JSONL: name, category[, id, image, level1..]")
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding the data sets")
     parser.add_argument("--out", required=True, help="model directory to write")
-    parser.add_argument("--fast", action="store_true", help="quick model (≤10 min on 2 cores): fewer epochs, no fine-tuned blocks")
-    parser.add_argument("--epochs", type=int, help="override the number of epochs")
+    parser.add_argument("--fast", action="store_true", help="quick model (a few minutes on 2 cores): one photo view, fewer solver iterations, no int8 graph")
+    parser.add_argument("--epochs", type=int, help="cap the solvers at 25·N L-BFGS iterations (quick runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -128,7 +128,15 @@ def test_onnx_matches_torch_within_tolerance():
     from training.model import FusedNet, ServingGraph
 
     torch.manual_seed(0)
-    graph = ServingGraph(FusedNet(n_ids=50, n_labels=4, cut=15, bigram_buckets=16).eval(), temperature=1.5).eval()
+    net = FusedNet(n_ids=50, n_labels=4, cut=15, pair_space=16, n_rows=40).eval()
+    with torch.no_grad():  # random heads: the graph must agree on every path, not only on zeros
+        net.text.remap.copy_(torch.randint(0, 40, net.text.remap.shape, dtype=torch.int32))
+        net.text.idf.uniform_(0.5, 3.0)
+        net.text.idf[0] = 0
+        net.text.weight.copy_(torch.randn(net.text.weight.shape).half())
+        net.image.linear.weight.normal_(0, 0.05)
+        net.mix.copy_(torch.tensor([[0.8, 0.6], [1.1, 0.0], [0.0, 1.3]]))
+    graph = ServingGraph(net, temperature=1.5).eval()
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,3 +185,32 @@ def test_unknown_dataset_and_missing_dir_are_clear_errors(tmp_path, capsys):
     assert "unknown dataset 'nope'" in capsys.readouterr().err
     assert run(parser.parse_args(["--dataset", "myntra", "--data-dir", str(tmp_path / "absent"), "--out", "x"])) != 0
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_text_features_in_training_match_the_graph():
+    """The sparse TF-IDF matrix the text head is trained on = what the exported TextHead computes."""
+    import dataclasses
+
+    import torch
+
+    from training.model import TextHead
+    from training.train import Config, Heads, fit_text_features
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 30, (40, 8))
+    for row, n in zip(ids, rng.integers(0, 9, 40)):
+        row[n:] = 0  # padding, including an empty name
+    cfg = dataclasses.replace(Config(), pair_space=64, pair_min_count=2)
+    text = fit_text_features(ids[:30], 30, cfg)
+    w = rng.normal(size=(text.n_rows, 5)).astype(np.float16)
+    heads = Heads(text, w, rng.normal(size=5).astype(np.float32), np.zeros((1280, 5), np.float32), np.zeros(5, np.float32))
+    head = TextHead(30, 64, text.n_rows, 5)
+    with torch.no_grad():
+        head.remap.copy_(torch.from_numpy(text.remap))
+        head.idf.copy_(torch.from_numpy(text.idf))
+        head.weight.copy_(torch.from_numpy(w))
+        head.bias.copy_(torch.from_numpy(heads.text_b))
+        t_logits, t_has = head(torch.from_numpy(ids))
+    logits, has = heads.text_logits(ids)
+    assert np.array_equal(has, t_has.numpy() > 0) and not has[(ids == 0).all(1)].any()
+    assert np.allclose(logits, t_logits.numpy(), atol=1e-4)
