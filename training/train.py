@@ -157,38 +157,12 @@ def class_weights(y: np.ndarray, n_labels: int, power: float) -> np.ndarray:
     return w / w.mean()
 
 
-def fit_logreg(x, y: np.ndarray, n_labels: int, c: float, max_iter: int, sample_weight=None):
-    """Multinomial logistic regression (L-BFGS) → (W [features, n_labels], b [n_labels]); a class absent
-    from training gets a bias far below the others (never predicted)."""
+def _fit_linear(estimator, x, y: np.ndarray, n_labels: int, sample_weight=None):
+    """Fit an sklearn linear classifier → (W [features, n_labels], b [n_labels]); a class absent from
+    training gets a bias far below the others (never predicted)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    w = np.zeros((x.shape[1], n_labels), np.float32)
-    b = np.full(n_labels, -10.0, np.float32)
-    classes = np.unique(y)
-    if len(classes) < 2:
-        b[classes] = 0.0
-        return w, b
-    clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x, y, sample_weight=sample_weight)
-    w[:, clf.classes_] = clf.coef_.T
-    b[clf.classes_] = clf.intercept_
-    missing = np.setdiff1d(np.arange(n_labels), clf.classes_)
-    b[missing] = clf.intercept_.min() - 10.0
-    return w, b
-
-
-def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None):
-    """One-vs-rest linear SVM (squared hinge) → (W, b) like fit_logreg. Its margins are not log-probabilities:
-    the fusion scale fitted by NLL on validation (and the temperature) turn them into calibrated ones."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.svm import LinearSVC
 
     w = np.zeros((x.shape[1], n_labels), np.float32)
     b = np.full(n_labels, -10.0, np.float32)
@@ -198,7 +172,7 @@ def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None
         return w, b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = LinearSVC(C=c).fit(x, y, sample_weight=sample_weight)
+        clf = estimator.fit(x, y, sample_weight=sample_weight)
     coef, intercept = clf.coef_, clf.intercept_
     if len(classes) == 2:  # sklearn keeps one row for two classes: the margin of the second
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
@@ -206,6 +180,21 @@ def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None
     b[clf.classes_] = intercept
     b[np.setdiff1d(np.arange(n_labels), clf.classes_)] = intercept.min() - 10.0
     return w, b
+
+
+def fit_logreg(x, y: np.ndarray, n_labels: int, c: float, max_iter: int, sample_weight=None):
+    """Multinomial logistic regression (L-BFGS) → (W, b)."""
+    from sklearn.linear_model import LogisticRegression
+
+    return _fit_linear(LogisticRegression(C=c, max_iter=max_iter, tol=1e-4), x, y, n_labels, sample_weight)
+
+
+def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None):
+    """One-vs-rest linear SVM (squared hinge) → (W, b). Its margins are not log-probabilities: the fusion
+    scale fitted by NLL on validation (and the temperature) turn them into calibrated ones."""
+    from sklearn.svm import LinearSVC
+
+    return _fit_linear(LinearSVC(C=c), x, y, n_labels, sample_weight)
 
 
 @dataclass
