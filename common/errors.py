@@ -4,10 +4,11 @@
 class ProcessingError(Exception):
     """This event cannot be processed, ever: it goes to the dead-letter topic with `code`."""
 
-    def __init__(self, code: str, reason: str):
+    def __init__(self, code: str, reason: str, product_id: str | None = None):
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.product_id = product_id  # when the event got far enough to name its product
 
 
 class RetryableError(Exception):

@@ -93,21 +93,25 @@ def decode_event(payload: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> Pro
         raise ProcessingError("MISSING_FIELD", "product_id is empty")
     if len(pid) > MAX_ID_CHARS:
         raise ProcessingError("BAD_PRODUCT_ID", f"product_id longer than {MAX_ID_CHARS} characters")
-    name = _field(obj, "name", str) or ""
-    if len(name) > MAX_NAME_CHARS:
-        raise ProcessingError("NAME_TOO_LONG", f"name has {len(name)} characters, limit {MAX_NAME_CHARS}")
-    image_url = _field(obj, "image_url", str) or None
-    image_b64 = _field(obj, "image_b64", str) or None
-    if image_url and image_b64:
-        raise ProcessingError("AMBIGUOUS_IMAGE", "give image_url or image_b64, not both")
-    attributes = _field(obj, "attributes", dict) or {}
-    if len(json.dumps(attributes)) > MAX_ATTRIBUTES_BYTES:
-        raise ProcessingError("ATTRIBUTES_TOO_LARGE", f"attributes over {MAX_ATTRIBUTES_BYTES} bytes")
-    event_time = _field(obj, "event_time", (int, float))
-    if event_time is not None and not (math.isfinite(event_time) and 0 <= event_time < 1e11):
-        raise ProcessingError("BAD_FIELD_TYPE", f"event_time {event_time!r} is not epoch seconds")
-    if not name.strip() and not (image_url or image_b64):
-        raise ProcessingError("NOTHING_TO_CLASSIFY", "event has neither a name nor an image")
+    try:  # from here on, a dead letter can name the product
+        name = _field(obj, "name", str) or ""
+        if len(name) > MAX_NAME_CHARS:
+            raise ProcessingError("NAME_TOO_LONG", f"name has {len(name)} characters, limit {MAX_NAME_CHARS}")
+        image_url = _field(obj, "image_url", str) or None
+        image_b64 = _field(obj, "image_b64", str) or None
+        if image_url and image_b64:
+            raise ProcessingError("AMBIGUOUS_IMAGE", "give image_url or image_b64, not both")
+        attributes = _field(obj, "attributes", dict) or {}
+        if len(json.dumps(attributes)) > MAX_ATTRIBUTES_BYTES:
+            raise ProcessingError("ATTRIBUTES_TOO_LARGE", f"attributes over {MAX_ATTRIBUTES_BYTES} bytes")
+        event_time = _field(obj, "event_time", (int, float))
+        if event_time is not None and not (math.isfinite(event_time) and 0 <= event_time < 1e11):
+            raise ProcessingError("BAD_FIELD_TYPE", f"event_time {event_time!r} is not epoch seconds")
+        if not name.strip() and not (image_url or image_b64):
+            raise ProcessingError("NOTHING_TO_CLASSIFY", "event has neither a name nor an image")
+    except ProcessingError as e:
+        e.product_id = pid
+        raise
     return ProductEvent(pid, name, image_url, image_b64, attributes, float(event_time) if event_time is not None else None)
 
 

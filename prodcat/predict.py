@@ -59,7 +59,7 @@ def _preprocess_line(line: bytes, lineno: int, clf: Classifier, policy: FetchPol
         product_id = event.product_id
         return preprocess(event, clf.tokenizer, policy, event.event_time or time.time(), -1, lineno, "predict")
     except ProcessingError as e:
-        return {"product_id": product_id, "line": lineno, "error": e.code, "reason": e.reason}
+        return {"product_id": product_id or e.product_id, "line": lineno, "error": e.code, "reason": e.reason}
 
 
 def _flush(pending: list, clf: Classifier, source: str, dst, counts: dict) -> None:

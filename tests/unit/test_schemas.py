@@ -97,3 +97,12 @@ def test_dead_letter_keeps_original_payload_even_if_binary():
     assert (doc["stage"], doc["error_code"], doc["reason"]) == ("preprocess", "NOT_UTF8", "bad")
     assert base64.b64decode(doc["payload_b64"]) == b"\xff\x00"
     assert "payload_text" not in doc
+
+
+def test_errors_after_the_id_is_read_name_the_product():
+    with pytest.raises(ProcessingError) as e:
+        schemas.decode_event(b'{"product_id": "p9", "name": 5}')
+    assert e.value.product_id == "p9"
+    with pytest.raises(ProcessingError) as e:
+        schemas.decode_event(b'{"name": "x"}')
+    assert e.value.product_id is None
