@@ -29,9 +29,6 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self._event.is_set()
 
-    def set(self) -> None:
-        self._event.set()
-
 
 def start_metrics(worker: str, settings: Settings) -> Health:
     health = Health(worker)
