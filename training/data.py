@@ -157,16 +157,21 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def read_image(ref: str) -> np.ndarray:
-    """Image reference → uint8 (224, 224, 3), through the same code the preprocess worker uses."""
-    from common.images import FetchPolicy, decode_resize, fetch_image
+def read_image_bytes(ref: str) -> bytes:
+    """Image reference (a path, or a URL fetched with the worker's own code) → encoded bytes."""
+    from common.images import FetchPolicy, fetch_image
 
     if "://" in ref:
-        data = fetch_image(ref, FetchPolicy(allow_private_addresses=True))
-    else:
-        with open(ref, "rb") as f:
-            data = f.read()
-    return decode_resize(data)
+        return fetch_image(ref, FetchPolicy(allow_private_addresses=True))
+    with open(ref, "rb") as f:
+        return f.read()
+
+
+def read_image(ref: str) -> np.ndarray:
+    """Image reference → uint8 (224, 224, 3), through the same code the preprocess worker uses."""
+    from common.images import decode_resize
+
+    return decode_resize(read_image_bytes(ref))
 
 
 def leaf_words_removed(words: list[str], label: str, label_words: list[str]) -> list[str]:

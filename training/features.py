@@ -55,13 +55,10 @@ def tokenized(tokenizer, names: list[str], progress: bool = True) -> list[list[s
 
 
 def _read_bytes(ref: str) -> bytes | None:
-    from common.images import FetchPolicy, fetch_image
+    from training.data import read_image_bytes
 
     try:
-        if "://" in ref:
-            return fetch_image(ref, FetchPolicy(allow_private_addresses=True))
-        with open(ref, "rb") as f:
-            return f.read()
+        return read_image_bytes(ref)
     except (OSError, ProcessingError) as e:
         log.warning("image %s unreadable, item used as name-only: %s", ref, e)
         return None
