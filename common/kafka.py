@@ -78,6 +78,16 @@ def make_consumer(settings: Settings, group: str, worker: str) -> Consumer:
     return Consumer(consumer_config(settings, group, worker))
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes, key=None, **kwargs) -> None:
+    """produce(), waiting for deliveries to drain while librdkafka's local queue is full (BufferError)."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 class DeliveryTracker:
     """Counts delivery reports of one batch; `flush` raises DeliveryError unless every record landed."""
 
@@ -93,12 +103,7 @@ class DeliveryTracker:
 
     def produce(self, topic: str, value: bytes, key: bytes | str | None, headers: list | None = None) -> None:
         """Raises KafkaException for a record that can never be sent (e.g. larger than message.max.bytes)."""
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self.callback)
-                break
-            except BufferError:  # local queue full: let deliveries drain, then try again
-                self.producer.poll(0.1)
+        produce_waiting(self.producer, topic, value, key, headers=headers, on_delivery=self.callback)
         self.pending += 1
 
     def flush(self, timeout_s: float = 30.0) -> None:

@@ -208,12 +208,7 @@ def bench_broker(records, seconds: float) -> dict:
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 2:
             for p in payloads:
-                while True:
-                    try:
-                        producer.produce(stack.settings.topic_tensors, p)
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
+                kafka.produce_waiting(producer, stack.settings.topic_tensors, p)
             n += len(payloads)
         producer.flush(60)
         produce_rate = n / (time.perf_counter() - start)
@@ -236,15 +231,14 @@ def _percentiles(values) -> dict:
 
 
 def _measure_run(stack, events, rate=None, timeout_s=600.0) -> dict:
-    from prodcat.stack import publish, wait_for_outcomes
+    from prodcat.stack import items_per_s, publish, wait_for_outcomes
 
     ids = [k for k, _ in events]
     start = publish(stack.settings, events, rate_per_s=rate)
     results = wait_for_outcomes(stack, ids, timeout_s=timeout_s)
-    finish = max((r["event_time"] + r["timings"]["event_to_result_ms"] / 1000 for r in results.values()), default=start)
     latencies = [r["timings"]["event_to_result_ms"] for r in results.values()]
     return {"items": len(events), "results": len(results), "lost": len(events) - len(results),
-            "items_per_s": round(len(results) / max(1e-6, finish - start), 1), **_percentiles(latencies)}, latencies
+            "items_per_s": items_per_s(results, start), **_percentiles(latencies)}, latencies
 
 
 def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str) -> dict:

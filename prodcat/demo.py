@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarise(products, label, results, dead, start, manifest) -> dict:
+    from prodcat.stack import items_per_s
+
     dead_ids = {m.key().decode() for m in dead if m.key()}
     lat = np.array([r["timings"]["event_to_result_ms"] for r in results.values()]) if results else np.zeros(1)
-    finished = max((r["event_time"] + r["timings"]["event_to_result_ms"] / 1000 for r in results.values()), default=start)
     correct = [results[p]["category"] == label[p] for p in results]
     with_photo = {it.id for it in products if it.image}
     return {
@@ -98,7 +99,7 @@ def summarise(products, label, results, dead, start, manifest) -> dict:
         "accuracy": round(float(np.mean(correct)), 4) if correct else 0.0,
         "accuracy_with_photo": round(float(np.mean([results[p]["category"] == label[p] for p in results if p in with_photo] or [0])), 4),
         "uncertain_share": round(float(np.mean([r["uncertain"] for r in results.values()])) if results else 0.0, 4),
-        "items_per_s": round(len(results) / max(1e-6, finished - start), 1),
+        "items_per_s": items_per_s(results, start),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
     }

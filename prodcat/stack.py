@@ -259,12 +259,7 @@ def publish(settings: Settings, events: list[tuple[str, bytes]], rate_per_s: flo
             delay = start + i / rate_per_s - time.time()
             if delay > 0:
                 time.sleep(delay)
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka.produce_waiting(producer, topic, value, key)
         producer.poll(0)
     if producer.flush(60):
         raise RuntimeError("publisher could not deliver every event")
@@ -285,6 +280,12 @@ def read_results(r: redis.Redis, settings: Settings, product_ids: list[str]) -> 
             if fields:
                 out[pid] = result_from_redis_hash(fields)
     return out
+
+
+def items_per_s(results: dict[str, dict], start: float) -> float:
+    """Results per second from the first publish to the last result (each result knows when it was made)."""
+    finish = max((r["event_time"] + r["timings"]["event_to_result_ms"] / 1000 for r in results.values()), default=start)
+    return round(len(results) / max(1e-6, finish - start), 1)
 
 
 def read_topic(settings: Settings, topic: str, idle_s: float = 2.0, timeout_s: float = 60.0) -> list:
