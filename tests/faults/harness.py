@@ -51,6 +51,15 @@ class Outcome:
         return f"| {self.scenario} | {self.n} | {self.lost} | {self.duplicates} | {self.dead} | {rec} | {self.note} |"
 
 
+def wait_for(condition, what: str = "condition", timeout_s: float = 60.0) -> float:
+    """Seconds until condition() holds; fails the test past timeout_s."""
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout_s, f"{what}: not met after {timeout_s}s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 class Scenario:
     """Good events (key, event, expected category) plus bad records (key, payload, expected DLQ code, topic)."""
 
@@ -83,10 +92,7 @@ class Scenario:
         return self.classified() >= len(self.good)
 
     def wait_classified(self, count: int, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.classified() < count:
-            assert time.monotonic() < deadline, f"{self.name}: fewer than {count} results after {timeout_s}s"
-            time.sleep(0.1)
+        wait_for(lambda: self.classified() >= count, f"{self.name}: {count} results", timeout_s)
 
     def finish(self, recovery_s: float | None = None, note: str = "", timeout_s: float = 240.0) -> Outcome:
         for t in self._threads:

@@ -5,9 +5,8 @@ vocabulary are still read by the old model. A corrupt version is rejected and th
 from __future__ import annotations
 
 import os
-import time
 
-from tests.faults.harness import N, Scenario, start_pipeline
+from tests.faults.harness import N, Scenario, start_pipeline, wait_for
 from tests.support.events import good_events
 from tests.support.tiny_model import VOCAB, build_tiny_model
 
@@ -16,14 +15,6 @@ def swap(link: str, target: str) -> None:
     tmp = f"{link}.new"
     os.symlink(target, tmp)
     os.replace(tmp, link)  # atomic: workers see either the old or the new directory, never half of each
-
-
-def wait_for(condition, timeout_s: float = 60.0) -> float:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < timeout_s, "condition not met in time"
-        time.sleep(0.1)
-    return time.monotonic() - t0
 
 
 def _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name: str, prefix: str):
