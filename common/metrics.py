@@ -28,7 +28,7 @@ INFERENCE_SECONDS = Histogram(
 )
 E2E_SECONDS = Histogram("prodcat_e2e_latency_seconds", "Event time → result written to Redis", ["worker"], buckets=_LATENCY_BUCKETS)
 CONSUMER_LAG = Gauge("prodcat_consumer_lag", "Messages behind the high watermark (librdkafka statistics)", ["worker", "topic", "partition"])
-MODEL_INFO = Gauge("prodcat_model_info", "1 for the model version being served", ["worker", "model_version", "provider"])
+MODEL_INFO = Gauge("prodcat_model_info", "1 for the model version being served", ["worker", "model_version", "provider", "precision"])
 MODEL_RELOADS = Counter("prodcat_model_reloads_total", "Model reload attempts", ["worker", "outcome"])
 PAUSED = Gauge("prodcat_paused", "1 while consumption is paused because a dependency (Redis, broker) failed", ["worker"])
 RECOVERY_SECONDS = Histogram(

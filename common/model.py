@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # optional: the image tower's convolutions in int8, written only if validation held
+PRECISIONS = ("auto", "fp32", "int8")  # auto = int8 where it exists and the session runs on CPU, else fp32
 MANIFEST_FORMAT = "prodcat-model/1"
 
 
@@ -41,6 +43,7 @@ class Manifest:
     tokenizer: TokenizerConfig
     threshold: float  # confidence below this → "uncertain"
     stand_in: bool  # True for test/benchmark models that were not trained on data
+    int8_file: str | None  # INT8_FILE when training kept an int8 graph
     raw: dict
 
     @classmethod
@@ -62,6 +65,8 @@ class Manifest:
                 tokenizer=TokenizerConfig.from_manifest(raw["tokenizer"]),
                 threshold=float(raw.get("threshold", 0.0)),
                 stand_in=bool(raw.get("stand_in", False)),
+                int8_file=INT8_FILE if (raw.get("int8") or {}).get("file") == INT8_FILE
+                and os.path.exists(os.path.join(model_dir, INT8_FILE)) else None,
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -91,11 +96,18 @@ class Prediction:
 
 
 class Classifier:
-    """One ONNX Runtime session over a model directory."""
+    """One ONNX Runtime session over a model directory.
 
-    def __init__(self, model_dir: str, providers: str = "auto", intra_op_threads: int = 1, top_k: int = 3):
+    precision: the int8 graph is ~1.4× faster on CPU (its accuracy was checked on validation when it was
+    written); on CUDA/TensorRT fp32 (or fp16) graphs are the fast ones, so `auto` takes int8 only when the
+    session really runs on CPU."""
+
+    def __init__(self, model_dir: str, providers: str = "auto", intra_op_threads: int = 1, top_k: int = 3,
+                 precision: str = "auto"):
         import onnxruntime as ort
 
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.model_dir = model_dir
         self.manifest = Manifest.load(model_dir)
         self.tokenizer = Tokenizer(self.manifest.tokenizer)
@@ -110,14 +122,23 @@ class Classifier:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # an absent CUDA library is reported by get_providers(), not by log spam
-        try:
-            self.session = ort.InferenceSession(
-                os.path.join(model_dir, ONNX_FILE), sess_options=opts, providers=choose_providers(providers)
-            )
-        except Exception as e:  # ORT raises its own exception types for bad files
-            raise ModelError(f"cannot load {model_dir}/{ONNX_FILE}: {e}") from None
+        int8 = self.manifest.int8_file
+        if precision == "int8" and int8 is None:
+            raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
+        self.precision = "int8" if precision == "int8" else "fp32"
+        self.session = self._open(ONNX_FILE if precision != "int8" else int8, opts, choose_providers(providers))
+        if precision == "auto" and int8 and self.session.get_providers()[0] == "CPUExecutionProvider":
+            self.precision, self.session = "int8", self._open(int8, opts, ["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
         self._check_contract()
+
+    def _open(self, filename: str, opts, providers: list[str]):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(os.path.join(self.model_dir, filename), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for bad files
+            raise ModelError(f"cannot load {self.model_dir}/{filename}: {e}") from None
 
     @property
     def version(self) -> str:
@@ -176,7 +197,7 @@ class Classifier:
 def _signature(model_dir: str) -> tuple:
     """Changes whenever either file is replaced or rewritten."""
     sig = []
-    for name in (MANIFEST, ONNX_FILE):
+    for name in (MANIFEST, ONNX_FILE, INT8_FILE):
         try:
             st = os.stat(os.path.join(model_dir, name))
             sig.append((st.st_mtime_ns, st.st_size, st.st_ino))

@@ -31,15 +31,16 @@ class ModelHolder:
         self._publish(self.current)
 
     def _load(self) -> Classifier:
-        clf = Classifier(self.settings.model_dir, self.settings.providers, self.settings.intra_op_threads)
+        clf = Classifier(self.settings.model_dir, self.settings.providers, self.settings.intra_op_threads,
+                         precision=self.settings.precision)
         clf.warm_up()
         return clf
 
     def _publish(self, clf: Classifier) -> None:
         metrics.MODEL_INFO.clear()
-        metrics.MODEL_INFO.labels(self.worker, clf.version, clf.provider).set(1)
-        log.info("serving model %s (%s) on %s, vocabulary %08x", clf.version, self.settings.model_dir, clf.providers,
-                 clf.tokenizer.config.fingerprint)
+        metrics.MODEL_INFO.labels(self.worker, clf.version, clf.provider, clf.precision).set(1)
+        log.info("serving model %s (%s, %s) on %s, vocabulary %08x", clf.version, self.settings.model_dir, clf.precision,
+                 clf.providers, clf.tokenizer.config.fingerprint)
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Called between batches (or forced by an unknown vocabulary); True when a new model was swapped in."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from common import schemas
 from common.images import FetchPolicy, decode_resize
-from common.model import Classifier, Manifest, ModelError
+from common.model import PRECISIONS, Classifier, Manifest, ModelError
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
 from prodcat.options import add_run_arguments
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photos", type=int, default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--providers", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="graph for inference, end to end and naive alike (auto = int8 on CPU when the model has one)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (inference stage and worker)")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each timed stage loop")
     p.add_argument("--fp16", action="store_true",
@@ -137,8 +139,9 @@ def preprocessed_records(inputs, tokenizer: Tokenizer) -> list[schemas.TensorRec
             for pid, name, path in inputs]
 
 
-def bench_inference(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float) -> dict:
-    clf = Classifier(model_dir, providers, threads)
+def bench_inference(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float,
+                    precision: str = "auto") -> dict:
+    clf = Classifier(model_dir, providers, threads, precision=precision)
     clf.warm_up()
     per_batch = {}
     for b in batches:
@@ -150,9 +153,10 @@ def bench_inference(model_dir: str, providers: str, threads: int, batches: list[
 
         run(chunks[0])  # per-shape warm-up (TensorRT/CUDA build their kernels on the first run)
         per_batch[b] = round(timed_loop(run, chunks, seconds / len(batches) + 1) * b, 1)
-        log(f"inference batch {b:4d}: {per_batch[b]} items/s ({clf.provider}, {threads} threads)")
+        log(f"inference batch {b:4d}: {per_batch[b]} items/s ({clf.provider} {clf.precision}, {threads} threads)")
     best = max(per_batch, key=per_batch.get)
-    return {"inference_provider": clf.provider, "inference_threads": threads, "inference_items_per_s": per_batch,
+    return {"inference_provider": clf.provider, "inference_precision": clf.precision, "inference_threads": threads,
+            "inference_items_per_s": per_batch,
             "inference_items_per_s_best": per_batch[best], "best_batch": best}
 
 
@@ -241,14 +245,16 @@ def _measure_run(stack, events, rate=None, timeout_s=600.0) -> dict:
             "items_per_s": items_per_s(results, start), **_percentiles(latencies)}, latencies
 
 
-def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str) -> dict:
+def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str,
+              precision: str) -> dict:
     from prodcat.stack import LocalStack
 
     with LocalStack() as stack:
         stack.create_topics()
         workers = [stack.start_worker("preprocess", model_dir, wait_ready=False) for _ in range(k)]
         workers.append(stack.start_worker("inference", model_dir, wait_ready=False, max_batch=max_batch,
-                                          max_delay_ms=max_delay_ms, intra_op_threads=threads, providers=providers))
+                                          max_delay_ms=max_delay_ms, intra_op_threads=threads, providers=providers,
+                                          precision=precision))
         stack.wait_ready(workers, timeout_s=120)
         _measure_run(stack, events_for(inputs, 50, "warm"))  # JIT paths, page cache, group settled
         full, full_lat = _measure_run(stack, events_for(inputs, n, "full"))
@@ -261,7 +267,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
             "latencies_ms": {"full load": full_lat, "50 % load": half_lat}}
 
 
-def bench_naive(model_dir: str, inputs, n: int) -> dict:
+def bench_naive(model_dir: str, inputs, n: int, precision: str) -> dict:
     """The service without the Kafka split, as a first version would be written: one process, one event at a
     time — consume, full-resolution decode, batch-1 inference (ORT default threads), Redis write."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -270,7 +276,7 @@ def bench_naive(model_dir: str, inputs, n: int) -> dict:
     from common.images import fetch_image
     from prodcat.stack import LocalStack, publish
 
-    clf = Classifier(model_dir, "CPU", intra_op_threads=0)  # 0 = ORT's default pool (one thread per core)
+    clf = Classifier(model_dir, "CPU", intra_op_threads=0, precision=precision)  # 0 = ORT's default pool (one thread per core)
     events = events_for(inputs, n, "naive")
     with LocalStack() as stack:
         stack.create_topics({"topic_raw": 1})
@@ -445,9 +451,12 @@ def run(args: argparse.Namespace) -> int:
         fig.update(bench_tokenize(inputs, tokenizer, args.data_dir, args.seconds))
     records = preprocessed_records(inputs[:256], tokenizer) if {"inference", "broker"} & set(stages) else []
     if "inference" in stages:
-        fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds))
-        one = bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2)
+        fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds, args.precision))
+        one = bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2, args.precision)
         fig["inference_items_per_s_per_core"] = one["inference_items_per_s_best"]
+        if fig["inference_precision"] == "int8":  # what quantization buys: the fp32 graph at the same batch
+            fp32 = bench_inference(args.model, args.providers, args.threads, [fig["best_batch"]], records, args.seconds / 2, "fp32")
+            fig["inference_fp32_items_per_s_at_best_batch"] = fp32["inference_items_per_s_best"]
         if args.fp16:
             try:
                 fig.update(bench_fp16(args.model, args.providers, args.threads, batches, records, args.seconds))
@@ -460,9 +469,9 @@ def run(args: argparse.Namespace) -> int:
         fig.update(bench_scaling(args.model, inputs, args.items))
     if "e2e" in stages:
         fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
-                             args.max_delay_ms, args.providers))
-    if "naive" in stages:
-        fig.update(bench_naive(args.model, inputs, min(args.items, 600)))
+                             args.max_delay_ms, args.providers, args.precision))
+    if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
+        fig.update(bench_naive(args.model, inputs, min(args.items, 600), args.precision))
     fig.update(derive(fig))
     fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
     latencies = fig.pop("latencies_ms", None)

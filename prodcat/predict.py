@@ -22,12 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="results v1 / error records, one per input line ('-' = stdout)")
     p.add_argument("--providers", default="auto")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = the int8 graph on CPU when the model has one")
     p.add_argument("--allow-private-addresses", action="store_true", help="let image_url point at loopback/private hosts")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        clf = Classifier(args.model, args.providers, args.threads)
+        clf = Classifier(args.model, args.providers, args.threads, precision=args.precision)
     except ModelError as e:
         print(f"prodcat predict: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import time
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
+from common.model import PRECISIONS
 from training.data import DATASETS, DataError, leaf_words_removed, read_image
 from training.train import load_source
 
@@ -65,7 +66,7 @@ def run_classifier(clf, token_ids, images, batch: int = 64) -> np.ndarray:
 
 
 def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test", report_dir=None, baselines=True,
-             threads=2) -> dict:
+             threads=2, precision="auto") -> dict:
     import torch
 
     from common.model import Classifier
@@ -74,7 +75,7 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    clf = Classifier(model_dir, providers="cpu", intra_op_threads=threads)
+    clf = Classifier(model_dir, providers="cpu", intra_op_threads=threads, precision=precision)
     man = clf.manifest
     ds = load_source(dataset or (None if csv_path else man.raw.get("dataset")), data_dir, csv_path)
     items = ds.split(split)
@@ -131,9 +132,12 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
     metrics["reliability"] = ece(main, y)[1]
     metrics["per_class"] = per_class(items, pred_labels)
 
-    int8 = man.raw.get("int8", {}).get("file")
-    if int8 and os.path.exists(os.path.join(model_dir, int8)):
-        metrics["int8"] = evaluate_int8(model_dir, int8, ids, images, y, has, threads)
+    metrics["precision"] = clf.precision
+    if clf.precision == "int8":  # what the quantization costs: the same rows through the fp32 graph
+        fp32 = Classifier(model_dir, providers="cpu", intra_op_threads=threads, precision="fp32")
+        metrics["fp32"] = {"name_and_photo": scores(y, run_classifier(fp32, ids, images).argmax(1))}
+        if has:
+            metrics["fp32"]["photo:photo_only"] = scores(y[has], run_classifier(fp32, sub(empty, has), sub(images, has)).argmax(1))
 
     if baselines:
         train_items = ds.split("train")
@@ -165,24 +169,6 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
     if report_dir:
         write_report(report_dir, metrics, y, main, labels)
     return metrics
-
-
-def evaluate_int8(model_dir, int8_file, ids, images, y, has, threads) -> dict:
-    import shutil
-    import tempfile
-
-    from common.model import MANIFEST, ONNX_FILE, Classifier
-
-    with tempfile.TemporaryDirectory() as tmp:  # a model dir whose model.onnx is the int8 graph
-        shutil.copy(os.path.join(model_dir, MANIFEST), tmp)
-        os.symlink(os.path.abspath(os.path.join(model_dir, int8_file)), os.path.join(tmp, ONNX_FILE))
-        clf = Classifier(tmp, providers="cpu", intra_op_threads=threads)
-        p = run_classifier(clf, ids, images)
-        out = {"name_and_photo": scores(y, p.argmax(1))}
-        if has:
-            empty = [np.zeros(0, np.int32)] * len(has)
-            out["photo:photo_only"] = scores(y[has], run_classifier(clf, empty, [images[i] for i in has]).argmax(1))
-    return out
 
 
 def per_class(items, pred_labels) -> list[dict]:
@@ -252,7 +238,7 @@ def summary_markdown(m: dict) -> str:
     lines = [
         f"# Evaluation: {m['dataset']} / {m['split']} split",
         "",
-        f"Model `{m['model_version']}`, run through ONNX Runtime exactly as served. {m['n']} items, "
+        f"Model `{m['model_version']}`, run through ONNX Runtime exactly as served on CPU ({m.get('precision', 'fp32')} graph). {m['n']} items, "
         f"{m['n_with_photo']} with a photo. Rows marked *photo items* use only the items that have a photo.",
         "",
         "| condition | n | accuracy | macro-F1 | ECE | flagged uncertain | error of the rest |",
@@ -271,9 +257,11 @@ def summary_markdown(m: dict) -> str:
                   "|---|---|---|---|---|"]
         for b, subsets in m["baselines"].items():
             lines += [f"| {b} | {k} | {s['n']} | {_f(s['acc'])} | {_f(s['macro_f1'])} |" for k, s in subsets.items()]
-    if "int8" in m:
-        lines += ["", "## int8 graph (model.int8.onnx)", ""]
-        lines += [f"- {k}: accuracy {_f(s['acc'])}, macro-F1 {_f(s['macro_f1'])}" for k, s in m["int8"].items()]
+    if "fp32" in m:
+        lines += ["", "## int8 graph (served on CPU) against the fp32 graph", "", "| condition | int8 accuracy | fp32 accuracy |",
+                  "|---|---|---|"]
+        lines += [f"| {k.replace('photo:', '*photo items:* ').replace('_', ' ')} | {_f(c[k]['acc'])} | {_f(s['acc'])} |"
+                  for k, s in m["fp32"].items()]
     worst = sorted((r for r in m["per_class"] if r["support"] >= 5), key=lambda r: r["f1"])[:8]
     lines += ["", "## Weakest classes (support ≥ 5; full table in metrics.json)", "", "| class | support | precision | recall | F1 |",
               "|---|---|---|---|---|"]
@@ -327,6 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--report", help="folder for summary.md, metrics.json and plots")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="graph to score (auto = as served on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -335,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         m = evaluate(args.model, args.dataset, args.data_dir, args.csv_path, args.split, args.report,
-                     baselines=not args.no_baselines)
+                     baselines=not args.no_baselines, precision=args.precision)
     except (DataError, ModelError) as e:
         print(f"prodcat evaluate: {e}", file=sys.stderr)
         return 2

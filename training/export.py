@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import torch
 
-from common.model import MANIFEST, MANIFEST_FORMAT, ONNX_FILE
+from common.model import INT8_FILE, MANIFEST, MANIFEST_FORMAT, ONNX_FILE
 from training.data import read_image
 from training.model import ServingGraph
 
@@ -142,7 +142,6 @@ def _swap_in(tmp_dir: str, out_dir: str) -> None:
 
 # ---------------------------------------------------------------- optional int8 graph
 
-INT8_FILE = "model.int8.onnx"
 INT8_MAX_DROP = 0.01  # kept only if validation accuracy falls by at most this much (absolute)
 
 
@@ -158,16 +157,23 @@ class _Feeds:
 
 def add_int8(model_dir: str, calib_feeds: list[dict], val_accuracy) -> dict:
     """Quantize the convolutions (the image tower: nearly all of the cost) to int8 with static QDQ
-    calibration on validation photos; keep `model.int8.onnx` only if `val_accuracy(path)` holds.
-    The served file stays model.onnx; the manifest records the outcome either way."""
-    from onnxruntime.quantization import QuantType, quantize_static
+    calibration on training photos; keep `model.int8.onnx` only if `val_accuracy(path)` holds on validation.
+    The Classifier serves it on CPU (precision `auto`); the manifest records the outcome either way.
+
+    The stem convolution stays fp32: it reads the normalised pixels directly, and quantizing it cost 5 pt of
+    photo-only validation accuracy (0.893 → 0.842), against < 1 pt for all the other 48 convolutions
+    together. Percentile calibration (clip the 0.001 % tails) beat min/max by another ~0.5 pt."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src = os.path.join(model_dir, ONNX_FILE)
     pre, dst = os.path.join(model_dir, "pre.tmp.onnx"), os.path.join(model_dir, INT8_FILE)
     quant_pre_process(src, pre, skip_symbolic_shape=True)
+    stem = next(n.name for n in onnx.load(pre).graph.node if n.op_type == "Conv")  # nodes are in topological order
     quantize_static(pre, dst, _Feeds(calib_feeds), op_types_to_quantize=["Conv"], per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=[stem],
+                    calibrate_method=CalibrationMethod.Percentile)
     os.unlink(pre)
     fp32, int8 = val_accuracy(src), val_accuracy(dst)
     kept = all(int8[k] >= fp32[k] - INT8_MAX_DROP for k in fp32)

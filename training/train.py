@@ -586,7 +586,7 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
         train_seconds=train_seconds, parity_items=_parity_items(prep.val_items, prep.photo_row), tok=prep.tok,
     )
     if cfg.int8 and (prep.val.photo >= 0).any():
-        manifest["int8"] = int8_variant(out_dir, prep.val_items, prep.val, prep.photo_row)
+        manifest["int8"] = int8_variant(out_dir, prep)
         log.info("int8: %s", manifest["int8"])
     log.info("model written to %s in %.0f s", out_dir, time.time() - t0)
     return manifest
@@ -630,31 +630,33 @@ def validation_metrics(scores: dict, val: SplitData, temperature: float) -> dict
     }
 
 
-def int8_variant(out_dir: str, val_items, val: SplitData, photo_row, max_items: int = 600) -> dict:
-    """Calibrate + check the int8 graph on validation photos (name + photo, and photo alone)."""
+def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: int = 256) -> dict:
+    """Calibrate the int8 graph on training photos, check it on validation photos (name + photo, photo alone)."""
     import onnxruntime as ort
 
     from training.data import read_image
     from training.export import add_int8
 
-    rows = np.nonzero(val.photo >= 0)[0][:max_items]
-    images = np.stack([read_image(val_items[i].image) for i in rows])
-    ids, present = val.ids[rows], np.ones(len(rows), np.float32)
+    def photo_batches(items, d: SplitData, n: int, names: bool, batch: int = 64):
+        rows = np.nonzero(d.photo >= 0)[0][:n]
+        for s in range(0, len(rows), batch):
+            r = rows[s : s + batch]
+            yield {"token_ids": d.ids[r] if names else np.zeros_like(d.ids[r]),
+                   "image": np.stack([read_image(items[i].image) for i in r]),
+                   "image_present": np.ones(len(r), np.float32)}, d.y[r]
 
-    def feeds(s, e, names=True):
-        return {"token_ids": ids[s:e] if names else np.zeros_like(ids[s:e]), "image": images[s:e], "image_present": present[s:e]}
+    val = {names: list(photo_batches(prep.val_items, prep.val, max_items, names)) for names in (True, False)}
 
     def accuracy(path: str) -> dict:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        out = {}
-        for cond, names in (("name_and_photo", True), ("photo_only", False)):
-            p = np.concatenate([sess.run(["probs"], feeds(s, s + 64, names))[0] for s in range(0, len(rows), 64)])
-            out[cond] = float((p.argmax(1) == val.y[rows]).mean())
-        return out
+        return {cond: float(np.mean(np.concatenate([sess.run(["probs"], f)[0].argmax(1) == y for f, y in val[names]])))
+                for cond, names in (("name_and_photo", True), ("photo_only", False))}
 
-    calib = [feeds(s, s + 16, names=s % 32 == 0) for s in range(0, min(len(rows), 256), 16)]
+    train_items = prep.ds.split("train")
+    calib = [f for k, (f, _) in enumerate(photo_batches(train_items, prep.train, n_calib, names=True, batch=16)) if k % 2 == 0]
+    calib += [f for k, (f, _) in enumerate(photo_batches(train_items, prep.train, n_calib, names=False, batch=16)) if k % 2 == 1]
     return add_int8(out_dir, calib, accuracy)
 
 

@@ -214,3 +214,37 @@ def test_text_features_in_training_match_the_graph():
     logits, has = heads.text_logits(ids)
     assert np.array_equal(has, t_has.numpy() > 0) and not has[(ids == 0).all(1)].any()
     assert np.allclose(logits, t_logits.numpy(), atol=1e-4)
+
+
+def test_int8_graph_is_kept_only_when_validation_holds_and_served_on_cpu(trained, tmp_path):
+    import shutil
+
+    from common.model import INT8_FILE, Classifier, ModelError
+    from training.data import read_image
+    from training.export import INT8_MAX_DROP, add_int8
+
+    csv_path, src = trained
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(src, model_dir)  # the module's model stays as it was
+    with pytest.raises(ModelError, match="no int8 graph"):
+        Classifier(model_dir, "cpu", precision="int8")
+    assert Classifier(model_dir, "cpu").precision == "fp32"
+
+    fp32 = Classifier(model_dir, "cpu", precision="fp32")
+    items = [it for it in load_table(csv_path).items if it.image][:16]
+    ids = [fp32.tokenizer.encode(it.name) for it in items]
+    images = np.stack([read_image(it.image) for it in items])
+    calib = [{"token_ids": fp32.tokenizer.pad(ids[:8]), "image": images[:8], "image_present": np.ones(8, np.float32)}]
+
+    falls = iter([{"photo_only": 0.9}, {"photo_only": 0.9 - 2 * INT8_MAX_DROP}])  # fp32, then int8
+    info = add_int8(model_dir, calib, lambda path: next(falls))
+    assert not info["kept"] and not os.path.exists(os.path.join(model_dir, INT8_FILE))
+    assert Classifier(model_dir, "cpu").precision == "fp32"
+
+    info = add_int8(model_dir, calib, lambda path: {"photo_only": 0.9})
+    assert info["kept"] and info["file"] == INT8_FILE
+    int8 = Classifier(model_dir, "cpu")  # auto: the int8 graph, because the session runs on CPU
+    assert int8.precision == "int8" and Classifier(model_dir, "cpu", precision="fp32").precision == "fp32"
+    p8, p32 = int8.run(ids, list(images)), fp32.run(ids, list(images))
+    assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
+    assert np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
