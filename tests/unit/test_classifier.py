@@ -1,0 +1,36 @@
+"""common.model.Classifier on CPU: concurrent lanes over one batch, precision choice, clear errors."""
+import numpy as np
+import pytest
+
+from common.model import Classifier, ModelError
+from tests.support.tiny_model import build_tiny_model, expected_category
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _batch(clf, n):
+    names = ["Blue shirt", "Running shoes", "Steel watch", "mystery item", ""] * n
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) if i % 3 == 0 else None for i in range(len(names))]
+    return names, [clf.tokenizer.encode(nm) for nm in names], images
+
+
+def test_lanes_split_a_batch_and_answer_like_one_run(model_dir):
+    one, two = Classifier(model_dir, "cpu", 1), Classifier(model_dir, "cpu", 2)
+    assert (one.lanes, two.lanes) == (1, 2)
+    names, ids, images = _batch(one, 3)  # 15 items: uneven slices
+    p1, p2 = one.run(ids, images), two.run(ids, images)
+    assert p2.shape == (15, 3) and np.allclose(p1, p2, atol=1e-6)
+    assert [p.category for p in two.predictions(p2)][1:3] == [expected_category(n) for n in names[1:3]]
+    assert two.run(ids[:1], images[:1]).shape == (1, 3)  # a batch of one is not split
+
+
+def test_precision_falls_back_to_fp32_and_refuses_bad_values(model_dir):
+    assert Classifier(model_dir, "cpu").precision == "fp32"  # the tiny model has no int8 graph
+    with pytest.raises(ModelError, match="no int8 graph"):
+        Classifier(model_dir, "cpu", precision="int8")
+    with pytest.raises(ModelError, match="expected one of auto, fp32, int8"):
+        Classifier(model_dir, "cpu", precision="fp16")
