@@ -138,6 +138,8 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
         metrics["fp32"] = {"name_and_photo": scores(y, run_classifier(fp32, ids, images).argmax(1))}
         if has:
             metrics["fp32"]["photo:photo_only"] = scores(y[has], run_classifier(fp32, sub(empty, has), sub(images, has)).argmax(1))
+            metrics["fp32"]["photo:leaf_words_removed_and_photo"] = scores(
+                y[has], run_classifier(fp32, sub(ids_no_leaf, has), sub(images, has)).argmax(1))
 
     if baselines:
         train_items = ds.split("train")
