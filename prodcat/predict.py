@@ -10,7 +10,7 @@ import time
 from common import schemas
 from common.errors import ProcessingError
 from common.images import FetchPolicy
-from common.model import Classifier, ModelError
+from common.model import PRECISIONS, Classifier, ModelError
 from preprocess_worker.transform import preprocess
 
 BATCH = 64
