@@ -246,7 +246,7 @@ def _measure_run(stack, events, rate=None, timeout_s=600.0) -> dict:
     from prodcat.stack import items_per_s, publish, wait_for_outcomes
 
     ids = [k for k, _ in events]
-    start = publish(stack.settings, events, rate_per_s=rate)
+    start = publish(stack.settings, events, rate_per_s=rate, producer=stack.publisher)
     results = wait_for_outcomes(stack, ids, timeout_s=timeout_s)
     latencies = [r["timings"]["event_to_result_ms"] for r in results.values()]
     return {"items": len(events), "results": len(results), "lost": len(events) - len(results),

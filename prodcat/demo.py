@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         events = [(it.id, schemas.encode_event(it.id, it.name, image_url=_image_url(it.image) if it.image else None))
                   for it in products]
         log(f"publishing {len(events)} products ({sum(1 for it in products if it.image)} with photos)")
-        start = publish(stack.settings, events)
+        start = publish(stack.settings, events, producer=stack.publisher)
         results = wait_for_outcomes(stack, list(label), timeout_s=args.timeout,
                                     progress=lambda n: print(f"\r[demo] results in Redis: {n}/{len(events)}", end="", file=sys.stderr))
         print(file=sys.stderr)
