@@ -122,7 +122,7 @@ class Prediction:
 class Classifier:
     """One ONNX Runtime session over a model directory.
 
-    precision: the int8 graph is ~1.4× faster on CPU (its accuracy was checked on validation when it was
+    precision: the int8 graph is ~2× faster on CPU (its accuracy was checked on validation when it was
     written); on CUDA/TensorRT fp32 (or fp16) graphs are the fast ones, so `auto` takes int8 only when the
     session really runs on CPU.
 
