@@ -485,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
                              args.max_delay_ms, args.providers, args.precision))
     if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
-        fig.update(bench_naive(args.model, inputs, min(args.items, 600), args.precision))
+        fig.update(bench_naive(args.model, inputs, args.items, args.precision))  # as many as end to end: short runs were noisy
     fig.update(derive(fig))
     fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
     latencies = fig.pop("latencies_ms", None)
