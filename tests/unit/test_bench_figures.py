@@ -1,0 +1,31 @@
+"""The benchmark's derived figures: the bound uses each stage's cheapest measured cost per item."""
+from prodcat.bench import derive, markdown
+
+
+def _fig(**over):
+    fig = {"machine": {"cpu_count": 2}, "preprocess_items_per_s_per_core": 500.0, "broker_core_ms_per_record": 0.5,
+           "inference_threads": 2, "inference_items_per_s_best": 800.0, "inference_items_per_s_per_core": 400.0,
+           "e2e_full": {"items_per_s": 300.0, "lost": 0, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3,
+                        "core_ms_per_item": {"broker": 0.5, "preprocess workers": 2.0, "total": 2.5}},
+           "e2e_half": {"items_per_s": 150.0, "lost": 1, "p50_ms": 10, "p95_ms": 20, "p99_ms": 30},
+           "naive_items_per_s": 100.0}
+    fig.update(over)
+    return fig
+
+
+def test_bound_takes_the_cheapest_inference_and_the_ratios_follow():
+    out = derive(_fig())
+    # 2 cores ÷ (2.0 preprocess + 0.5 broker + min(2/800, 1/400) = 2.5 inference) core-ms
+    assert out["bound_items_per_s"] == 400.0
+    assert out["pipeline_efficiency"] == 0.75 and out["speedup_vs_naive"] == 3.0
+    assert out["lost"] == 1 and out["p99_ms_half_load"] == 30
+    slower_pool = derive(_fig(inference_items_per_s_best=500.0))  # 4 core-ms at 2 threads: 1 thread is cheaper
+    assert slower_pool["bound_items_per_s"] == 400.0
+
+
+def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
+    fig = _fig()
+    fig.update(derive(fig))
+    md = markdown(fig)
+    assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
+    assert "fp32 graph" not in md  # not measured in this figure set
