@@ -177,6 +177,8 @@ def add_int8(model_dir: str, calib_feeds: list[dict], val_accuracy) -> dict:
     ops = ("Conv", "Clip", "Add")
     tower = [n for n in onnx.load(pre).graph.node if n.op_type in ops and n.name.startswith(IMAGE_TOWER_SCOPE)]
     stem = next(n.name for n in tower if n.op_type == "Conv")  # nodes are in topological order
+    size = len(calib_feeds[0]["image"])  # the percentile calibrator stacks its batches: one batch size only
+    calib_feeds = [f for f in calib_feeds if len(f["image"]) == size]
     quantize_static(pre, dst, _Feeds(calib_feeds), op_types_to_quantize=list(ops), per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_quantize=[n.name for n in tower if n.name != stem], calibrate_method=CalibrationMethod.Percentile)

@@ -587,7 +587,7 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
         config=dataclasses.asdict(cfg) | {"fast": fast}, val_metrics=val_metrics, history=[],
         train_seconds=train_seconds, parity_items=_parity_items(prep.val_items, prep.photo_row), tok=prep.tok,
     )
-    if cfg.int8 and (prep.val.photo >= 0).any():
+    if cfg.int8 and (prep.train.photo >= 0).any() and (prep.val.photo >= 0).any():
         manifest["int8"] = int8_variant(out_dir, prep)
         log.info("int8: %s", manifest["int8"])
     log.info("model written to %s in %.0f s", out_dir, time.time() - t0)
@@ -639,26 +639,30 @@ def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: in
     from training.data import read_image
     from training.export import add_int8
 
-    def photo_batches(items, d: SplitData, n: int, names: bool, batch: int = 64):
+    def photo_batches(items, d: SplitData, n: int, batch: int):
+        """(token ids, decoded photos, labels) of the first n photo rows, each photo read once."""
         rows = np.nonzero(d.photo >= 0)[0][:n]
         for s in range(0, len(rows), batch):
             r = rows[s : s + batch]
-            yield {"token_ids": d.ids[r] if names else np.zeros_like(d.ids[r]),
-                   "image": np.stack([read_image(items[i].image) for i in r]),
-                   "image_present": np.ones(len(r), np.float32)}, d.y[r]
+            yield d.ids[r], np.stack([read_image(items[i].image) for i in r]), d.y[r]
 
-    val = {names: list(photo_batches(prep.val_items, prep.val, max_items, names)) for names in (True, False)}
+    def feeds(ids, images, names: bool) -> dict:
+        return {"token_ids": ids if names else np.zeros_like(ids), "image": images,
+                "image_present": np.ones(len(images), np.float32)}
+
+    val = list(photo_batches(prep.val_items, prep.val, max_items, 64))
 
     def accuracy(path: str) -> dict:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        return {cond: float(np.mean(np.concatenate([sess.run(["probs"], f)[0].argmax(1) == y for f, y in val[names]])))
+        return {cond: float(np.mean(np.concatenate([sess.run(["probs"], feeds(ids, im, names))[0].argmax(1) == y
+                                                    for ids, im, y in val])))
                 for cond, names in (("name_and_photo", True), ("photo_only", False))}
 
-    train_items = prep.ds.split("train")
-    calib = [f for k, (f, _) in enumerate(photo_batches(train_items, prep.train, n_calib, names=True, batch=16)) if k % 2 == 0]
-    calib += [f for k, (f, _) in enumerate(photo_batches(train_items, prep.train, n_calib, names=False, batch=16)) if k % 2 == 1]
+    # half the calibration batches with their names, half photo alone: both paths are served
+    calib = [feeds(ids, im, names=k % 2 == 0)
+             for k, (ids, im, _) in enumerate(photo_batches(prep.ds.split("train"), prep.train, n_calib, 16))]
     return add_int8(out_dir, calib, accuracy)
 
 
