@@ -137,23 +137,25 @@ class Classifier:
         self.manifest = Manifest.load(model_dir)
         self.tokenizer = Tokenizer(self.manifest.tokenizer)
         self.top_k = top_k
-        int8 = self.manifest.int8_file
-        if precision == "int8" and int8 is None:
+        if precision == "int8" and self.manifest.int8_file is None:
             raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
-        self.precision = "int8" if precision == "int8" else "fp32"
-        self.lanes = 1  # concurrent single-threaded runs over slices of one batch (CPU only)
-        self.session = self._open(self.precision, _session_options(intra_op_threads), choose_providers(providers))
-        if self.session.get_providers()[0] == "CPUExecutionProvider":
-            # On CPU, N single-threaded runs over slices of a batch beat one run on ORT's N-thread pool (+29 % at
-            # batch 8 here): the small convnet's layers leave the pool's threads waiting on each other.
-            lanes = max(1, intra_op_threads)
-            if (precision == "auto" and int8) or lanes > 1:
-                self.precision = "int8" if precision == "auto" and int8 else self.precision
-                self.lanes = lanes
-                self.session = self._open(self.precision, _session_options(1 if lanes > 1 else intra_op_threads),
-                                          ["CPUExecutionProvider"])
+        wanted = choose_providers(providers)
+        on_cpu = wanted[0] == "CPUExecutionProvider"
+        self._start(precision, intra_op_threads, wanted, on_cpu)
+        if not on_cpu and self.session.get_providers()[0] == "CPUExecutionProvider":
+            self._start(precision, intra_op_threads, ["CPUExecutionProvider"], on_cpu=True)  # the GPU provider did not load
         self.providers = self.session.get_providers()
         self._check_contract()
+
+    def _start(self, precision: str, intra_op_threads: int, providers: list[str], on_cpu: bool) -> None:
+        """Open the one session: on CPU the int8 graph (`auto`) and one ORT thread per lane, elsewhere ORT's pool.
+        On CPU, N single-threaded runs over slices of a batch beat one run on ORT's N-thread pool (+29 % at
+        batch 8 here): the small convnet's layers leave the pool's threads waiting on each other."""
+        auto_int8 = on_cpu and precision == "auto" and self.manifest.int8_file is not None
+        self.precision = "int8" if precision == "int8" or auto_int8 else "fp32"
+        self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over slices of one batch
+        threads = 1 if self.lanes > 1 else intra_op_threads
+        self.session = self._open(self.precision, _session_options(threads), providers)
 
     def _open(self, precision: str, opts, providers: list[str]):
         import onnxruntime as ort
@@ -198,7 +200,7 @@ class Classifier:
         feeds = {"token_ids": self.tokenizer.pad(token_ids), "image": image, "image_present": present}
         if self.lanes == 1 or batch < 2:
             return self.session.run(["probs"], feeds)[0]
-        slices = [s for s in np.array_split(np.arange(batch), min(self.lanes, batch))]
+        slices = np.array_split(np.arange(batch), min(self.lanes, batch))
         runs = [_lane_pool(self.lanes).submit(self.session.run, ["probs"], {k: v[s[0] : s[-1] + 1] for k, v in feeds.items()})
                 for s in slices]  # ORT releases the GIL while it runs
         return np.concatenate([r.result()[0] for r in runs])

@@ -29,6 +29,8 @@ from common import kafka, settings as settings_mod
 from common.settings import Settings
 
 WORKER_MODULES = {"preprocess": "preprocess_worker", "inference": "gpu_worker"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
