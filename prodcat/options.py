@@ -10,7 +10,7 @@ def add_run_arguments(p, preprocess_workers: int, max_delay_ms: float) -> None:
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="the shared data (default ../shared/data)")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help="model directory")
     p.add_argument("--preprocess-workers", type=int, default=preprocess_workers)
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="inference batch limit; on CPU larger batches buy no speed (see `prodcat bench`), each batch is one checkpoint")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="inference batch limit: one checkpoint (flush, Redis, commit) per batch; on CPU it runs as small ORT runs")
     p.add_argument("--max-delay-ms", type=float, default=max_delay_ms)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")

@@ -1,4 +1,4 @@
-"""common.model.Classifier on CPU: concurrent lanes over one batch, precision choice, clear errors."""
+"""common.model.Classifier on CPU: lanes running a batch in chunks, precision choice, clear errors."""
 import numpy as np
 import pytest
 
@@ -18,14 +18,14 @@ def _batch(clf, n):
     return names, [clf.tokenizer.encode(nm) for nm in names], images
 
 
-def test_lanes_split_a_batch_and_answer_like_one_run(model_dir):
-    one, two = Classifier(model_dir, "cpu", 1), Classifier(model_dir, "cpu", 2)
+def test_lanes_run_a_batch_in_chunks_and_answer_like_one_run(model_dir):
+    whole, one, two = Classifier(model_dir, "cpu", 0), Classifier(model_dir, "cpu", 1), Classifier(model_dir, "cpu", 2)
     assert (one.lanes, two.lanes) == (1, 2)
-    names, ids, images = _batch(one, 3)  # 15 items: uneven slices
-    p1, p2 = one.run(ids, images), two.run(ids, images)
-    assert p2.shape == (15, 3) and np.allclose(p1, p2, atol=1e-6)
+    names, ids, images = _batch(one, 3)  # 15 items: a short last chunk
+    p0, p1, p2 = whole.run(ids, images), one.run(ids, images), two.run(ids, images)
+    assert p2.shape == (15, 3) and np.allclose(p0, p1, atol=1e-6) and np.allclose(p0, p2, atol=1e-6)  # order kept
     assert [p.category for p in two.predictions(p2)][1:3] == [expected_category(n) for n in names[1:3]]
-    assert two.run(ids[:1], images[:1]).shape == (1, 3)  # a batch of one is not split
+    assert two.run(ids[:1], images[:1]).shape == (1, 3)
 
 
 def test_precision_falls_back_to_fp32_and_refuses_bad_values(model_dir):
