@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common.errors import ProcessingError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: photos not already 224×224 are resized by OpenCV (common.images), not Pillow
 
 
 def cache_dir() -> str:
