@@ -95,6 +95,13 @@ def _session_options(intra_op_threads: int):
     return opts
 
 
+def cpu_session(path: str, threads: int):
+    """A CPU session with the serving options: training's parity and int8 checks, feature extraction, speed probes."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, sess_options=_session_options(threads), providers=["CPUExecutionProvider"])
+
+
 @functools.cache
 def _lane_pool(lanes: int) -> ThreadPoolExecutor:
     """One pool per process and lane count, shared by every Classifier (a hot reload adds no threads)."""

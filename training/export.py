@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import torch
 
-from common.model import INT8_FILE, MANIFEST, MANIFEST_FORMAT, ONNX_FILE
+from common.model import INT8_FILE, MANIFEST, MANIFEST_FORMAT, ONNX_FILE, cpu_session
 from training.data import read_image
 from training.model import ServingGraph
 
@@ -52,11 +52,7 @@ def parity_feeds(items, tok) -> dict:
 
 
 def check_parity(graph: ServingGraph, onnx_path: str, feeds: dict) -> dict:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path, torch.get_num_threads())
     ort_probs, ort_emb = sess.run(["probs", "embedding"], feeds)
     with torch.no_grad():
         t_probs, t_emb = graph(*(torch.from_numpy(feeds[k]) for k in ("token_ids", "image", "image_present")))
@@ -202,11 +198,7 @@ def add_int8(model_dir: str, calib_feeds: list[dict], val_accuracy) -> dict:
 def _speed(path: str, batch: int = 16, rounds: int = 3) -> float:
     import time
 
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, 1)
     max_tokens = sess.get_inputs()[0].shape[1]
     feeds = {"token_ids": np.ones((batch, max_tokens), np.int64),
              "image": np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3)).astype(np.uint8),

@@ -66,8 +66,7 @@ def _read_bytes(ref: str) -> bytes | None:
 
 def _trunk_session(cut: int):
     """ONNX Runtime session over the frozen trunk, exported once per cut and cached."""
-    import onnxruntime as ort
-
+    from common.model import cpu_session
     from training.model import ImageTower, TrunkOnly
 
     path = os.path.join(cache_dir(), f"lite0-trunk-cut{cut}-v{CACHE_VERSION}.onnx")
@@ -79,11 +78,7 @@ def _trunk_session(cut: int):
             output_names=["act"], dynamic_axes={"image": {0: "b"}, "act": {0: "b"}}, opset_version=17, dynamo=False,
         )
         os.replace(tmp, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, torch.get_num_threads())
 
 
 def trunk_activations(refs: list[str], cut: int, views: int = 1, progress: bool = True):

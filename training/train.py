@@ -634,8 +634,7 @@ def validation_metrics(scores: dict, val: SplitData, temperature: float) -> dict
 
 def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: int = 256) -> dict:
     """Calibrate the int8 graph on training photos, check it on validation photos (name + photo, photo alone)."""
-    import onnxruntime as ort
-
+    from common.model import cpu_session
     from training.data import read_image
     from training.export import add_int8
 
@@ -653,9 +652,7 @@ def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: in
     val = list(photo_batches(prep.val_items, prep.val, max_items, 64))
 
     def accuracy(path: str) -> dict:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = cpu_session(path, torch.get_num_threads())
         return {cond: float(np.mean(np.concatenate([sess.run(["probs"], feeds(ids, im, names))[0].argmax(1) == y
                                                     for ids, im, y in val])))
                 for cond, names in (("name_and_photo", True), ("photo_only", False))}
