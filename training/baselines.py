@@ -13,7 +13,7 @@ from sklearn.svm import LinearSVC
 
 def name_svm(train_words: list[list[str]], train_y: np.ndarray, test_words: list[list[str]]) -> np.ndarray:
     vec = TfidfVectorizer(analyzer=lambda ws: ws + [a + " " + b for a, b in zip(ws, ws[1:])], sublinear_tf=True)
-    clf = LinearSVC(C=1.0).fit(vec.fit_transform(train_words), train_y)
+    clf = LinearSVC(C=1.0, random_state=0).fit(vec.fit_transform(train_words), train_y)
     return clf.predict(vec.transform(test_words))
 
 

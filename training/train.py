@@ -196,7 +196,8 @@ def fit_linear_svm(x, y: np.ndarray, n_labels: int, c: float, sample_weight=None
     scale fitted by NLL on validation (and the temperature) turn them into calibrated ones."""
     from sklearn.svm import LinearSVC
 
-    return _fit_linear(LinearSVC(C=c), x, y, n_labels, sample_weight)
+    # seeded: liblinear shuffles its coordinates with it; unseeded, two runs on the same data drift apart
+    return _fit_linear(LinearSVC(C=c, random_state=0), x, y, n_labels, sample_weight)
 
 
 @dataclass
@@ -560,9 +561,11 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
     t0 = time.time()
     cfg = dataclasses.replace(Config(), **{**(FAST if fast else {}), **overrides})
     torch.set_num_threads(cfg.threads)  # explicit: the cores are shared with other processes
-    torch.manual_seed(cfg.seed)
     ds = dataset if isinstance(dataset, Dataset) else load_source(dataset, data_dir, csv_path)
     prep = prepare(ds, cfg, progress)
+    # seeded after the features: a cache miss builds the Lite0 tower (random init, then the ImageNet weights),
+    # which would shift the fine-tune's dropout draws — a cold and a warm cache must train the same model
+    torch.manual_seed(cfg.seed)
     n_labels = len(prep.labels)
 
     heads = fit_heads(prep.train, prep.feats, prep.tok_cfg.n_ids, n_labels, cfg, prep.acts, progress)

@@ -121,6 +121,24 @@ def test_tiny_training_exports_a_servable_model(trained):
     assert len(preds) == len(items) and preds[0].category_path[-1] in PARENTS.values()
 
 
+def test_a_warm_feature_cache_trains_the_same_model(trained, tmp_path):
+    """The fixture trained on a cold cache; the same data again on the now warm cache gives the same graph."""
+    from training.train import train_model
+
+    csv_path, model_dir = trained
+    old_cache = os.environ.get("PRODCAT_CACHE")
+    os.environ["PRODCAT_CACHE"] = os.path.join(os.path.dirname(model_dir), "cache")
+    try:
+        again = train_model(None, out_dir=str(tmp_path / "again"), fast=True, progress=False, csv_path=csv_path, epochs=3)
+    finally:
+        if old_cache is None:
+            os.environ.pop("PRODCAT_CACHE", None)
+        else:
+            os.environ["PRODCAT_CACHE"] = old_cache
+    first = json.load(open(os.path.join(model_dir, "manifest.json"), encoding="utf-8"))
+    assert again["onnx"]["sha256"] == first["onnx"]["sha256"]
+
+
 def test_onnx_matches_torch_within_tolerance():
     import torch
 
