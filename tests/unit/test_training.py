@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -78,8 +79,6 @@ def _write_dataset(tmp_path, n_per_class=16) -> str:
 def trained(tmp_path_factory):
     """One tiny training run through the --csv path (shared by the tests below)."""
     tmp = tmp_path_factory.mktemp("train")
-    old_cache = os.environ.get("PRODCAT_CACHE")
-    os.environ["PRODCAT_CACHE"] = str(tmp / "cache")  # a cold, private cache
     csv_path = _write_dataset(tmp)
     from training.train import add_arguments, run
 
@@ -87,14 +86,23 @@ def trained(tmp_path_factory):
     add_arguments(parser)
     out = tmp / "model"
     args = parser.parse_args(["--csv", csv_path, "--out", str(out), "--fast", "--epochs", "3", "--quiet"])
-    try:
+    with _feature_cache(str(tmp / "cache")):  # a cold, private cache
         assert run(args) == 0
+    return csv_path, str(out)
+
+
+@contextlib.contextmanager
+def _feature_cache(path: str):
+    """PRODCAT_CACHE set to `path` for the block, restored after."""
+    old = os.environ.get("PRODCAT_CACHE")
+    os.environ["PRODCAT_CACHE"] = path
+    try:
+        yield
     finally:
-        if old_cache is None:
+        if old is None:
             os.environ.pop("PRODCAT_CACHE", None)
         else:
-            os.environ["PRODCAT_CACHE"] = old_cache
-    return csv_path, str(out)
+            os.environ["PRODCAT_CACHE"] = old
 
 
 def test_tiny_training_exports_a_servable_model(trained):
@@ -126,15 +134,8 @@ def test_a_warm_feature_cache_trains_the_same_model(trained, tmp_path):
     from training.train import train_model
 
     csv_path, model_dir = trained
-    old_cache = os.environ.get("PRODCAT_CACHE")
-    os.environ["PRODCAT_CACHE"] = os.path.join(os.path.dirname(model_dir), "cache")
-    try:
+    with _feature_cache(os.path.join(os.path.dirname(model_dir), "cache")):
         again = train_model(None, out_dir=str(tmp_path / "again"), fast=True, progress=False, csv_path=csv_path, epochs=3)
-    finally:
-        if old_cache is None:
-            os.environ.pop("PRODCAT_CACHE", None)
-        else:
-            os.environ["PRODCAT_CACHE"] = old_cache
     first = json.load(open(os.path.join(model_dir, "manifest.json"), encoding="utf-8"))
     assert again["onnx"]["sha256"] == first["onnx"]["sha256"]
 
