@@ -160,7 +160,7 @@ class Classifier:
 
     def _start(self, precision: str, intra_op_threads: int, providers: list[str], on_cpu: bool) -> None:
         """Open the one session: on CPU the int8 graph (`auto`) and one ORT thread per lane, elsewhere ORT's pool.
-        On CPU, N single-threaded runs over slices of a batch beat one run on ORT's N-thread pool (+29 % at
+        On CPU, N single-threaded runs side by side beat one run on ORT's N-thread pool (+29 % at
         batch 8 here): the small convnet's layers leave the pool's threads waiting on each other."""
         auto_int8 = on_cpu and precision == "auto" and self.manifest.int8_file is not None
         self.precision = "int8" if precision == "int8" or auto_int8 else "fp32"
