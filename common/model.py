@@ -164,8 +164,8 @@ class Classifier:
         batch 8 here): the small convnet's layers leave the pool's threads waiting on each other."""
         auto_int8 = on_cpu and precision == "auto" and self.manifest.int8_file is not None
         self.precision = "int8" if precision == "int8" or auto_int8 else "fp32"
-        self.on_cpu, self.intra_op_threads = on_cpu, intra_op_threads
         self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over chunks of one batch
+        self.chunked = on_cpu and intra_op_threads > 0  # 0 = ORT's default pool, one run per batch
         threads = 1 if self.lanes > 1 else intra_op_threads
         self.session = self._open(self.precision, _session_options(threads), providers)
 
@@ -210,7 +210,7 @@ class Classifier:
                 image[i] = img
                 present[i] = 1.0
         feeds = {"token_ids": self.tokenizer.pad(token_ids), "image": image, "image_present": present}
-        if self.intra_op_threads == 0 or not self.on_cpu or batch <= CPU_RUN_ITEMS:
+        if not self.chunked or batch <= CPU_RUN_ITEMS:
             return self.session.run(["probs"], feeds)[0]
         chunks = [{k: v[i : i + CPU_RUN_ITEMS] for k, v in feeds.items()} for i in range(0, batch, CPU_RUN_ITEMS)]
         if self.lanes == 1:

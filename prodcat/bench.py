@@ -161,11 +161,14 @@ def bench_inference(model_dir: str, providers: str, threads: int, batches: list[
             "inference_items_per_s_best": per_batch[best], "best_batch": best}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time of these processes so far, together (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def bench_fp16(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float) -> dict:
@@ -211,7 +214,7 @@ def bench_broker(records, seconds: float) -> dict:
     with LocalStack() as stack:
         stack.create_topics()
         producer = kafka.make_producer(stack.settings, "bench")
-        cpu0 = cpu_seconds(stack.broker.pid) + cpu_seconds(os.getpid())
+        cpu0 = cpu_seconds(stack.broker.pid, os.getpid())
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 2:
             for p in payloads:
@@ -219,7 +222,7 @@ def bench_broker(records, seconds: float) -> dict:
             n += len(payloads)
         producer.flush(60)
         produce_rate = n / (time.perf_counter() - start)
-        cpu1 = cpu_seconds(stack.broker.pid) + cpu_seconds(os.getpid())
+        cpu1 = cpu_seconds(stack.broker.pid, os.getpid())
         # consumed as the inference worker consumes (its consumer settings), all partitions assigned directly
         topic = stack.settings.topic_tensors
         consumer = kafka.make_consumer(stack.settings, "bench-broker", "bench")
@@ -228,7 +231,7 @@ def bench_broker(records, seconds: float) -> dict:
         while got < n and time.perf_counter() - start < 120:
             got += sum(1 for m in consumer.consume(64, timeout=1.0) if m.error() is None)
         consume_rate = got / max(1e-6, time.perf_counter() - start)
-        cpu2 = cpu_seconds(stack.broker.pid) + cpu_seconds(os.getpid())
+        cpu2 = cpu_seconds(stack.broker.pid, os.getpid())
         consumer.close()
     return {"broker_tensor_produce_per_s": round(produce_rate, 1), "broker_tensor_consume_per_s": round(consume_rate, 1),
             "broker_core_ms_per_record": round(1000 * ((cpu1 - cpu0) / n + (cpu2 - cpu1) / max(1, got)), 3),
@@ -273,10 +276,10 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
             pids.setdefault(f"{w.kind} workers", []).append(w.proc.pid)
         runs, full_lat, cpu = [], [], dict.fromkeys(pids, 0.0)
         for r in range(repeats):
-            cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+            cpu0 = {k: cpu_seconds(*v) for k, v in pids.items()}
             run, lat = _measure_run(stack, events_for(inputs, n, f"full{r}-"))
             for key, v in pids.items():
-                cpu[key] += sum(cpu_seconds(p) for p in v) - cpu0[key]
+                cpu[key] += cpu_seconds(*v) - cpu0[key]
             runs.append(run)
             full_lat += lat
             log(f"end to end, full load, run {r + 1}/{repeats}: {run}")
@@ -311,7 +314,7 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str) -> dict:
         consumer = Consumer({"bootstrap.servers": stack.settings.bootstrap_servers, "group.id": "naive", "enable.auto.commit": False})
         consumer.assign([TopicPartition(stack.settings.topic_raw, 0, OFFSET_BEGINNING)])
         procs = [os.getpid(), stack.broker.pid] + ([stack.redis_proc.pid] if stack.redis_proc else [])
-        cpu0 = sum(cpu_seconds(p) for p in procs)
+        cpu0 = cpu_seconds(*procs)
         done, start = 0, time.perf_counter()
         while done < n:
             msg = consumer.poll(5.0)
@@ -325,7 +328,7 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str) -> dict:
             r.hset(f"naive:{event.product_id}", mapping={"category": pred.category, "confidence": pred.confidence})
             done += 1
         elapsed = time.perf_counter() - start
-        core_s = sum(cpu_seconds(p) for p in procs) - cpu0  # how much of the machine the one loop can use
+        core_s = cpu_seconds(*procs) - cpu0  # how much of the machine the one loop can use
         consumer.close()
     return {"naive_items_per_s": round(done / elapsed, 1), "naive_items": done,
             "naive_core_ms_per_item": round(1000 * core_s / max(1, done), 3), "naive_cores_busy": round(core_s / elapsed, 2)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -86,23 +85,10 @@ def trained(tmp_path_factory):
     add_arguments(parser)
     out = tmp / "model"
     args = parser.parse_args(["--csv", csv_path, "--out", str(out), "--fast", "--epochs", "3", "--quiet"])
-    with _feature_cache(str(tmp / "cache")):  # a cold, private cache
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PRODCAT_CACHE", str(tmp / "cache"))  # a cold, private cache
         assert run(args) == 0
     return csv_path, str(out)
-
-
-@contextlib.contextmanager
-def _feature_cache(path: str):
-    """PRODCAT_CACHE set to `path` for the block, restored after."""
-    old = os.environ.get("PRODCAT_CACHE")
-    os.environ["PRODCAT_CACHE"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PRODCAT_CACHE", None)
-        else:
-            os.environ["PRODCAT_CACHE"] = old
 
 
 def test_tiny_training_exports_a_servable_model(trained):
@@ -129,13 +115,13 @@ def test_tiny_training_exports_a_servable_model(trained):
     assert len(preds) == len(items) and preds[0].category_path[-1] in PARENTS.values()
 
 
-def test_a_warm_feature_cache_trains_the_same_model(trained, tmp_path):
+def test_a_warm_feature_cache_trains_the_same_model(trained, tmp_path, monkeypatch):
     """The fixture trained on a cold cache; the same data again on the now warm cache gives the same graph."""
     from training.train import train_model
 
     csv_path, model_dir = trained
-    with _feature_cache(os.path.join(os.path.dirname(model_dir), "cache")):
-        again = train_model(None, out_dir=str(tmp_path / "again"), fast=True, progress=False, csv_path=csv_path, epochs=3)
+    monkeypatch.setenv("PRODCAT_CACHE", os.path.join(os.path.dirname(model_dir), "cache"))
+    again = train_model(None, out_dir=str(tmp_path / "again"), fast=True, progress=False, csv_path=csv_path, epochs=3)
     first = json.load(open(os.path.join(model_dir, "manifest.json"), encoding="utf-8"))
     assert again["onnx"]["sha256"] == first["onnx"]["sha256"]
 
