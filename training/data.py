@@ -192,6 +192,15 @@ def leaf_words_removed(words: list[str], label: str, label_words: list[str]) -> 
     return keep
 
 
+def singular(w: str) -> str:
+    """English singular of a label word: "shoes" → shoe, "dresses" → dress, "watches" → watch, "jeans" → jean."""
+    if w.endswith(("sses", "ches", "shes", "xes")) and len(w) > 5:
+        return w[:-2]
+    if w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+        return w[:-1]
+    return w
+
+
 def _variants(w: str) -> set[str]:
     """The word and its possible singulars ("shoes" → shoe, "dresses" → dress)."""
     out = {w}

@@ -23,7 +23,7 @@ from scipy import sparse
 from torch.nn import functional as F
 
 from common.tokenize import Tokenizer, TokenizerConfig
-from training.data import DATASETS, DataError, Dataset, leaf_words_removed, load_dataset, load_table
+from training.data import DATASETS, DataError, Dataset, leaf_words_removed, load_dataset, load_table, singular
 from training.features import pooled_features, trunk_activations, tokenized
 from training.model import GATE_FLOOR, IMAGE_FEATURES, PAIR_PRIME, FusedNet
 
@@ -45,6 +45,10 @@ class Config:
     svm_c: float = 0.5
     text_leaf_removed_weight: float = 0.3  # also train the text head on photo items' names minus the leaf's words
     class_weight_power: float = 0.25  # loss weight of a class ∝ (1 / frequency)^power: rare classes count more
+    # each label's own name (and its singular: "Footballs" → "football") is one more text-head training row of this
+    # weight (× the mean item weight): a prior for classes with a handful of items. myntra, 5-fold over training,
+    # name only, macro-F1 / accuracy: 0.831 / 0.9704 without; weight 1: 0.842; 3: 0.848; 10: 0.851 / 0.9706; 30: 0.850
+    label_name_weight: float = 10.0
     max_iter: int = 300  # L-BFGS iterations per head
     epochs: int = 0  # CLI --epochs N: caps the solvers at 25·N iterations (quick runs); 0 = max_iter
     # image head: fine-tune the tower's last block + head convolution on the training photos (0 = frozen).
@@ -218,13 +222,29 @@ class Heads:
         return feats @ self.image_w + self.image_b
 
 
+def label_name_rows(labels: list[str], tok: Tokenizer) -> tuple[list[list[str]], np.ndarray]:
+    """The labels' own names as tokenised names (plus their singular form where it differs), and their classes."""
+    rows, y = [], []
+    for j, label in enumerate(labels):
+        words = tok.words(label)
+        singular_form = [singular(w) for w in words]
+        for ws in [words] + ([singular_form] if singular_form != words else []):
+            if ws:
+                rows.append(ws)
+                y.append(j)
+    return rows, np.asarray(y, dtype=np.int64)
+
+
 def fit_heads(train: SplitData, feats: list[np.ndarray], n_ids: int, n_labels: int, cfg: "Config", acts=None,
-              progress: bool = False) -> Heads:
+              progress: bool = False, label_names: tuple[np.ndarray, np.ndarray] | None = None) -> Heads:
+    """label_names: (padded ids, classes) of `label_name_rows`, trained with weight cfg.label_name_weight."""
     max_iter = 25 * cfg.epochs if cfg.epochs else cfg.max_iter
     t0 = time.time()
-    text = fit_text_features(train.ids, n_ids, cfg)
-    x, _ = text.matrix(train.ids)
-    y, sw = train.y, class_weights(train.y, n_labels, cfg.class_weight_power)
+    prior_ids, prior_y = label_names if label_names is not None and cfg.label_name_weight > 0 else (train.ids[:0], train.y[:0])
+    text = fit_text_features(np.concatenate([train.ids, prior_ids]), n_ids, cfg)
+    x, _ = text.matrix(np.concatenate([train.ids, prior_ids]))
+    sw = class_weights(train.y, n_labels, cfg.class_weight_power)
+    y, sw = np.concatenate([train.y, prior_y]), np.concatenate([sw, np.full(len(prior_y), cfg.label_name_weight)])
     if cfg.text_leaf_removed_weight > 0:  # + the photo items' names without the leaf's words, down-weighted
         sel = np.nonzero(train.photo >= 0)[0]
         x = sparse.vstack([x, text.matrix(train.ids_no_leaf[sel])[0]]).tocsr()
@@ -524,6 +544,7 @@ class Prepared:
     photo_row: dict
     feats: list[np.ndarray]  # pooled photo features per view [n_photos, 1280]
     acts: list  # trunk activations per view [n_photos, C, H, W] (memory-mapped cache)
+    label_names: tuple[np.ndarray, np.ndarray]  # padded ids + classes of the labels' own names (text-head prior)
 
 
 def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
@@ -534,7 +555,8 @@ def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
     label_index = {lab: i for i, lab in enumerate(labels)}
     base_tok = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens))
     words = dict(zip((it.id for it in ds.items), tokenized(base_tok, [it.name for it in ds.items], progress)))
-    vocab = build_vocab([words[it.id] for it in train_items], cfg.min_count)
+    name_rows, name_y = label_name_rows(labels, base_tok)
+    vocab = build_vocab([words[it.id] for it in train_items] + name_rows, cfg.min_count)
     tok_cfg = TokenizerConfig(max_tokens=cfg.max_tokens, vocab=vocab, oov_buckets=cfg.oov_buckets)
     tok = Tokenizer(tok_cfg)
     label_words = {lab: base_tok.words(lab) for lab in labels}
@@ -551,7 +573,8 @@ def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
     val = make_split(val_items, [words[it.id] for it in val_items], tok, label_index, photo_row, label_words)
     log.info("%s: %d labels, vocab %d, train %d (%d with photo), val %d", ds.name, len(labels), len(vocab),
              len(train.y), int((train.photo >= 0).sum()), len(val.y))
-    return Prepared(ds, labels, tok_cfg, tok, train, val, val_items, photo_row, feats, list(acts))
+    label_names = (tok.pad([_ids(tok, ws) for ws in name_rows]), name_y)
+    return Prepared(ds, labels, tok_cfg, tok, train, val, val_items, photo_row, feats, list(acts), label_names)
 
 
 def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, progress=True, csv_path=None, **overrides) -> dict:
@@ -568,7 +591,7 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
     torch.manual_seed(cfg.seed)
     n_labels = len(prep.labels)
 
-    heads = fit_heads(prep.train, prep.feats, prep.tok_cfg.n_ids, n_labels, cfg, prep.acts, progress)
+    heads = fit_heads(prep.train, prep.feats, prep.tok_cfg.n_ids, n_labels, cfg, prep.acts, progress, prep.label_names)
     h = held_out(heads, prep.val, prep.feats[0])
     val_scores = cross_fitted_metrics(h, cfg)
     mix = fit_mix(h, cfg)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -219,6 +220,33 @@ def test_text_features_in_training_match_the_graph():
     logits, has = heads.text_logits(ids)
     assert np.array_equal(has, t_has.numpy() > 0) and not has[(ids == 0).all(1)].any()
     assert np.allclose(logits, t_logits.numpy(), atol=1e-4)
+
+
+def test_label_names_teach_the_text_head_a_class_its_items_never_name():
+    """A class with one item whose name lacks the class's words is still found by them: its label is a row."""
+    from common.tokenize import Tokenizer, TokenizerConfig
+    from training.train import Config, SplitData, _ids, fit_heads, label_name_rows
+
+    labels = ["Key chain", "Shirts", "Watches"]
+    names = [("metal ring silver", 0)] + [(f"cotton collar shirt {k}", 1) for k in range(20)] \
+        + [(f"dial strap watch {k}", 2) for k in range(20)]
+    base = Tokenizer()
+    rows, row_y = label_name_rows(labels, base)
+    assert rows == [["key", "chain"], ["shirts"], ["shirt"], ["watches"], ["watch"]] and list(row_y) == [0, 1, 1, 2, 2]
+    words = [base.words(n) for n, _ in names]
+    tok = Tokenizer(TokenizerConfig(vocab=build_vocab(words + rows, min_count=1)))
+    train = SplitData(tok.pad([_ids(tok, w) for w in words]), tok.pad([_ids(tok, w) for w in words]),
+                      np.array([y for _, y in names]), np.full(len(names), -1))
+    prior = (tok.pad([_ids(tok, w) for w in rows]), row_y)
+    query = tok.pad([_ids(tok, base.words("leather key chain"))])
+
+    def predicted(cfg_overrides: dict) -> int:
+        heads = fit_heads(train, [np.zeros((0, 1280), np.float32)], tok.config.n_ids, 3,
+                          dataclasses.replace(Config(), **cfg_overrides), label_names=prior)
+        return int(heads.text_logits(query)[0].argmax())
+
+    assert predicted({}) == 0
+    assert predicted({"label_name_weight": 0.0}) != 0  # without the label rows "key chain" means nothing
 
 
 def test_int8_graph_is_kept_only_when_validation_holds_and_served_on_cpu(trained, tmp_path):
