@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common.errors import ProcessingError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "2"  # 2: photos not already 224×224 are resized by OpenCV (common.images), not Pillow
+CACHE_VERSION = "3"  # 2: photos not already 224×224 are resized by OpenCV (common.images), not Pillow; 3: bicubic for ≤ 2×
 
 
 def cache_dir() -> str:
