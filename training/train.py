@@ -547,19 +547,39 @@ class Prepared:
     label_names: tuple[np.ndarray, np.ndarray]  # padded ids + classes of the labels' own names (text-head prior)
 
 
+@dataclass
+class Names:
+    """The text side of a data set: its labels and the tokenizer built from the training names plus the labels' own."""
+
+    labels: list[str]
+    label_index: dict
+    tok_cfg: TokenizerConfig
+    tok: Tokenizer
+    words: dict  # item id → tokenised name
+    label_words: dict  # label → its words (for "leaf words removed")
+    label_names: tuple[np.ndarray, np.ndarray]  # padded ids + classes of the labels' own names (text-head prior)
+
+    def split(self, items, photo_row: dict) -> SplitData:
+        return make_split(items, [self.words[it.id] for it in items], self.tok, self.label_index, photo_row, self.label_words)
+
+
+def prepare_names(ds: Dataset, cfg: "Config", progress: bool = True) -> Names:
+    labels = sorted({it.label for it in ds.items})
+    base_tok = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens))
+    words = dict(zip((it.id for it in ds.items), tokenized(base_tok, [it.name for it in ds.items], progress)))
+    name_rows, name_y = label_name_rows(labels, base_tok)
+    vocab = build_vocab([words[it.id] for it in ds.split("train")] + name_rows, cfg.min_count)
+    tok_cfg = TokenizerConfig(max_tokens=cfg.max_tokens, vocab=vocab, oov_buckets=cfg.oov_buckets)
+    tok = Tokenizer(tok_cfg)
+    return Names(labels, {lab: i for i, lab in enumerate(labels)}, tok_cfg, tok, words,
+                 {lab: base_tok.words(lab) for lab in labels}, (tok.pad([_ids(tok, ws) for ws in name_rows]), name_y))
+
+
 def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
     train_items, val_items = ds.split("train"), ds.split("val")
     if not train_items or not val_items:
         raise DataError(f"{ds.name}: too few rows for a train and a validation split ({len(ds.items)} rows)")
-    labels = sorted({it.label for it in ds.items})
-    label_index = {lab: i for i, lab in enumerate(labels)}
-    base_tok = Tokenizer(TokenizerConfig(max_tokens=cfg.max_tokens))
-    words = dict(zip((it.id for it in ds.items), tokenized(base_tok, [it.name for it in ds.items], progress)))
-    name_rows, name_y = label_name_rows(labels, base_tok)
-    vocab = build_vocab([words[it.id] for it in train_items] + name_rows, cfg.min_count)
-    tok_cfg = TokenizerConfig(max_tokens=cfg.max_tokens, vocab=vocab, oov_buckets=cfg.oov_buckets)
-    tok = Tokenizer(tok_cfg)
-    label_words = {lab: base_tok.words(lab) for lab in labels}
+    names = prepare_names(ds, cfg, progress)
 
     # photo features of every split at once (one cache entry); the test rows are not used here
     with_photo = [it for it in ds.items if it.image]
@@ -569,12 +589,11 @@ def prepare(ds: Dataset, cfg: "Config", progress: bool = True) -> Prepared:
     if not feats:
         feats = [np.zeros((0, IMAGE_FEATURES), np.float32)]
 
-    train = make_split(train_items, [words[it.id] for it in train_items], tok, label_index, photo_row, label_words)
-    val = make_split(val_items, [words[it.id] for it in val_items], tok, label_index, photo_row, label_words)
-    log.info("%s: %d labels, vocab %d, train %d (%d with photo), val %d", ds.name, len(labels), len(vocab),
-             len(train.y), int((train.photo >= 0).sum()), len(val.y))
-    label_names = (tok.pad([_ids(tok, ws) for ws in name_rows]), name_y)
-    return Prepared(ds, labels, tok_cfg, tok, train, val, val_items, photo_row, feats, list(acts), label_names)
+    train, val = names.split(train_items, photo_row), names.split(val_items, photo_row)
+    log.info("%s: %d labels, vocab %d, train %d (%d with photo), val %d", ds.name, len(names.labels),
+             len(names.tok_cfg.vocab), len(train.y), int((train.photo >= 0).sum()), len(val.y))
+    return Prepared(ds, names.labels, names.tok_cfg, names.tok, train, val, val_items, photo_row, feats, list(acts),
+                    names.label_names)
 
 
 def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, progress=True, csv_path=None, **overrides) -> dict:
