@@ -20,7 +20,8 @@ from tqdm import tqdm
 from common.errors import ProcessingError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "3"  # 2: photos not already 224×224 are resized by OpenCV (common.images), not Pillow; 3: bicubic for ≤ 2×
+CACHE_VERSION = "4"  # 2: photos not 224×224 are resized by OpenCV (common.images), not Pillow; 3: bicubic for ≤ 2×;
+# 4: JPEGs decoded at ≥ 200 px a side
 
 
 def cache_dir() -> str:

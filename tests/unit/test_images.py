@@ -37,8 +37,9 @@ def test_a_big_shrink_averages_and_a_small_step_keeps_the_photo(sample_jpegs):
     buf = io.BytesIO()
     Image.fromarray(stripes).save(buf, "PNG")
     assert decode_resize(buf.getvalue()).std() < 20  # area: 10; bicubic or bilinear sampling would show stripes: 89 / 73
-    # real 224 photos as 800×800 catalogue JPEGs: decoded at 300×300, then a 1.34× step back to 224 that keeps
-    # them close to the originals (mean |diff| over these ten: bicubic 0.48, area averaging 0.92)
+    # real 224 photos as 800×800 catalogue JPEGs: decoded at 200×200 (DCT scale 2/8), then a bicubic 1.12×
+    # step up to 224 that keeps them close to the originals (mean |diff| over these ten: 1.11; bilinear 1.45;
+    # decoded at 1/8 scale, 100×100: far worse)
     diffs = []
     for path in sample_jpegs[:10]:
         with Image.open(path) as im:
@@ -46,7 +47,7 @@ def test_a_big_shrink_averages_and_a_small_step_keeps_the_photo(sample_jpegs):
             buf = io.BytesIO()
             im.convert("RGB").resize((800, 800), Image.BICUBIC).save(buf, "JPEG", quality=90)
         diffs.append(np.abs(decode_resize(buf.getvalue()) - original).mean())
-    assert np.mean(diffs) < 0.7
+    assert np.mean(diffs) < 1.3
 
 
 def test_grayscale_jpeg_becomes_rgb():
