@@ -241,8 +241,9 @@ def fit_heads(train: SplitData, feats: list[np.ndarray], n_ids: int, n_labels: i
     max_iter = 25 * cfg.epochs if cfg.epochs else cfg.max_iter
     t0 = time.time()
     prior_ids, prior_y = label_names if label_names is not None and cfg.label_name_weight > 0 else (train.ids[:0], train.y[:0])
-    text = fit_text_features(np.concatenate([train.ids, prior_ids]), n_ids, cfg)
-    x, _ = text.matrix(np.concatenate([train.ids, prior_ids]))
+    ids = np.concatenate([train.ids, prior_ids])
+    text = fit_text_features(ids, n_ids, cfg)
+    x, _ = text.matrix(ids)
     sw = class_weights(train.y, n_labels, cfg.class_weight_power)
     y, sw = np.concatenate([train.y, prior_y]), np.concatenate([sw, np.full(len(prior_y), cfg.label_name_weight)])
     if cfg.text_leaf_removed_weight > 0:  # + the photo items' names without the leaf's words, down-weighted
