@@ -16,6 +16,14 @@ ENV_PREFIX = "PRODCAT_"
 KAFKA_ENV_PREFIX = "PRODCAT_KAFKA__"
 
 
+def cache_dir() -> str:
+    """Where training features and benchmark inputs are kept between runs: $PRODCAT_CACHE, else
+    ~/.cache/prodcat (created on first use)."""
+    path = os.environ.get("PRODCAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prodcat")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = "127.0.0.1:9092"

@@ -20,6 +20,7 @@ import numpy as np
 from common import schemas
 from common.images import FetchPolicy, decode_resize
 from common.model import PRECISIONS, Classifier, Manifest, ModelError
+from common.settings import cache_dir
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
 from prodcat.options import add_run_arguments
@@ -49,10 +50,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ inputs
-
-
-def cache_dir() -> str:
-    return os.environ.get("PRODCAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prodcat"))
 
 
 def catalogue_inputs(data_dir: str, n_photos: int) -> list[tuple[str, str, str]]:

@@ -18,16 +18,11 @@ import torch
 from tqdm import tqdm
 
 from common.errors import ProcessingError
+from common.settings import cache_dir
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "4"  # 2: photos not 224×224 are resized by OpenCV (common.images), not Pillow; 3: bicubic for ≤ 2×;
 # 4: JPEGs decoded at ≥ 200 px a side
-
-
-def cache_dir() -> str:
-    path = os.environ.get("PRODCAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prodcat")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def _atomic_save(path: str, write) -> None:

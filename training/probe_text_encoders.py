@@ -19,8 +19,8 @@ import time
 import numpy as np
 from sklearn.metrics import f1_score
 
+from common.settings import cache_dir
 from training.data import load_dataset
-from training.features import cache_dir
 from training.model import IMAGE_FEATURES
 from training.train import Config, class_weights, fit_heads, fit_logreg, prepare_names
 
