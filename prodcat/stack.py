@@ -241,6 +241,11 @@ class LocalStack:
         for w in self.workers:
             if w.alive():
                 w.stop(timeout_s=15)
+        # the publisher disconnects before the broker goes (else librdkafka logs "connection refused" at exit)
+        publisher = self.__dict__.pop("publisher", None)
+        if publisher is not None:
+            publisher.flush(5)
+            del publisher
         for proc in (self.broker, self.redis_proc):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
