@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from common import kafka, metrics
 from common.errors import RetryableError
@@ -72,6 +72,17 @@ class Checkpoint:
         if not self.health.ready:
             self.health.set_ready(True, "")
         return True
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """From the worker's on_assign: take the partitions in this checkpoint's pause state, and report ready
+        unless a dependency is still failing. librdkafka keeps a partition's pause flag through a revoke or
+        loss and a later re-assign, so a partition paused before a group change would come back paused after
+        a resume that ran while it was away — seen after a broker stall: session timeout → partitions lost
+        inside the paused poll → resume with nothing assigned → re-assigned paused, consuming nothing."""
+        self.consumer.assign(partitions)  # here rather than after the callback, so the state below applies to them
+        (self.consumer.pause if self._paused else self.consumer.resume)(partitions)
+        if not self.failing:  # during an outage readiness stays false
+            self.health.set_ready(True, "")
 
     def _failed(self, messages: list[Message], error: RetryableError) -> None:
         kind = type(error).__name__

@@ -138,8 +138,7 @@ class InferenceWorker:
 
     def _on_assign(self, consumer, partitions) -> None:
         kafka.note_rebalance(WORKER, "assign", partitions)
-        if not self.checkpoint.failing:  # during an outage readiness stays false
-            self.health.set_ready(True, "")
+        self.checkpoint.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # still the owner: finish and commit what was taken from these partitions before they move

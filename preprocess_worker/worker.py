@@ -118,8 +118,7 @@ class PreprocessWorker:
 
     def _on_assign(self, consumer, partitions) -> None:
         kafka.note_rebalance(WORKER, "assign", partitions)
-        if not self.checkpoint.failing:  # during an outage readiness stays false
-            self.health.set_ready(True, "")
+        self.checkpoint.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # called inside consume(): the previous batch is already committed (or rewound), nothing to finish

@@ -2,6 +2,8 @@
 Redis, and resumes by itself when it is back; nothing is lost and no worker is restarted."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from tests.faults.harness import N, Scenario, start_pipeline, wait_recovered
@@ -34,3 +36,31 @@ def test_redis_outage_pauses_and_recovers_without_restart(stack, tiny_model, sam
     # paused, not spinning: the rewound batch was retried only after a PING answered (a handful of tries, not one per poll)
     assert retries_during_outage <= 3
     assert inf.metric("prodcat_recovery_seconds_count") >= 1
+
+
+BROKER_STALL_S = 8.0
+
+
+def test_broker_stall_mid_stream_loses_nothing_and_needs_no_restart(stack, tiny_model, sample_jpegs, report):
+    """The broker frozen (SIGSTOP) for 8 s mid-stream — a stalled or partitioned broker that keeps its data:
+    requests time out and are retried, the group may rebalance after it resumes; no worker dies, nothing is
+    lost, and the stream drains without a restart. (Tansu keeps its log in memory only, so a broker *restart*
+    would lose the log itself; compose/k8s run Apache Kafka, where that is the replicas' job.)"""
+    pre, inf = start_pipeline(stack, tiny_model)
+    pids = (pre.proc.pid, inf.proc.pid)
+    scenario = Scenario(stack, "broker frozen 8 s", good_events(N, sample_jpegs, prefix="bs-"))
+    scenario.publish([(k, v) for k, v, _ in scenario.good])
+    scenario.wait_classified(N // 4)
+
+    os.kill(stack.broker.pid, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        time.sleep(BROKER_STALL_S)
+        assert pre.alive() and inf.alive(), "a stalled broker must not kill a worker"
+    finally:
+        os.kill(stack.broker.pid, signal.SIGCONT)
+    recovery = wait_recovered(time.monotonic(), [pre, inf], drained=scenario.drained)
+    out = scenario.finish(recovery, note=f"stall {time.monotonic() - stalled_at - recovery:.0f} s; recovery after it resumes")
+    report(out)
+    assert out.lost == 0 and not out.wrong, out.wrong[:5]
+    assert (pre.proc.pid, inf.proc.pid) == pids and pre.alive() and inf.alive()
