@@ -5,7 +5,7 @@ Offsets are stored and committed by hand, only after a batch's outputs are durab
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -92,10 +92,12 @@ def produce_waiting(producer: Producer, topic: str, value: bytes, key=None, **kw
 
 
 class DeliveryTracker:
-    """Counts delivery reports of one batch; `flush` raises DeliveryError unless every record landed."""
+    """Counts delivery reports of one batch; `flush` raises DeliveryError unless every record landed, and
+    then replaces the producer (`make_producer()`) before the batch is retried."""
 
-    def __init__(self, producer: Producer):
-        self.producer = producer
+    def __init__(self, make_producer: Callable[[], Producer]):
+        self._make_producer = make_producer
+        self.producer = make_producer()
         self.pending = 0
         self.failures: list[str] = []
 
@@ -114,7 +116,18 @@ class DeliveryTracker:
         failures, pending = self.failures, self.pending
         self.failures, self.pending = [], 0
         if failures or pending:
+            self._replace_producer()
             raise DeliveryError(f"{len(failures)} failed, {pending} undelivered: {failures[:3]}")
+
+    def _replace_producer(self) -> None:
+        """The retry goes through a new producer: the old one's idempotence state (producer id, epoch,
+        sequence numbers) may be what failed. After records time out, librdkafka bumps the epoch, and a broker
+        can answer every later record with PRODUCER_FENCED (seen with Tansu after a 40 s stall: the workers
+        retried the same batch every 6 s, for good). Its undelivered records are dropped: the batch is
+        produced again from its offsets."""
+        old, self.producer = self.producer, self._make_producer()
+        old.purge()
+        old.flush(0)
 
 
 def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:

@@ -38,7 +38,7 @@ class PreprocessWorker:
         self.model_watch = DirWatch(settings.model_dir, settings.model_reload_s)
         self.max_event_bytes = schemas.max_event_bytes(settings.image_policy)
         self.consumer = kafka.make_consumer(settings, settings.preprocess_group, WORKER)
-        self.deliveries = kafka.DeliveryTracker(kafka.make_producer(settings, WORKER))
+        self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
 
     def run(self) -> None:

@@ -6,7 +6,9 @@ import os
 import signal
 import time
 
-from tests.faults.harness import N, Scenario, start_pipeline, wait_recovered
+import pytest
+
+from tests.faults.harness import N, Scenario, start, start_pipeline, wait_recovered
 from tests.support.events import good_events
 
 OUTAGE_S = 10.0
@@ -41,14 +43,20 @@ def test_redis_outage_pauses_and_recovers_without_restart(stack, tiny_model, sam
 BROKER_STALL_S = 8.0
 
 
-def test_broker_stall_mid_stream_loses_nothing_and_needs_no_restart(stack, tiny_model, sample_jpegs, report):
+@pytest.mark.parametrize("record_timeout_ms", [None, 4000], ids=["records-wait", "records-time-out"])
+def test_broker_stall_mid_stream_loses_nothing_and_needs_no_restart(record_timeout_ms, stack, tiny_model, sample_jpegs, report):
     """The broker frozen (SIGSTOP) for 8 s mid-stream — a stalled or partitioned broker that keeps its data:
     requests time out and are retried, the group may rebalance after it resumes; no worker dies, nothing is
-    lost, and the stream drains without a restart. (Tansu keeps its log in memory only, so a broker *restart*
-    would lose the log itself; compose/k8s run Apache Kafka, where that is the replicas' job.)"""
-    pre, inf = start_pipeline(stack, tiny_model)
+    lost, and the stream drains without a restart. With `message.timeout.ms` below the stall, the records
+    produced meanwhile fail, the batch is rewound and retried through a new producer. (Tansu keeps its log in
+    memory only, so a broker *restart* would lose the log itself; compose/k8s run Apache Kafka, where that is
+    the replicas' job.)"""
+    options = {"kafka": (("message.timeout.ms", str(record_timeout_ms)),)} if record_timeout_ms else {}
+    pre, inf = start(stack, "preprocess", tiny_model, **options), start(stack, "inference", tiny_model, **options)
+    stack.wait_ready([pre, inf])
     pids = (pre.proc.pid, inf.proc.pid)
-    scenario = Scenario(stack, "broker frozen 8 s", good_events(N, sample_jpegs, prefix="bs-"))
+    name = "broker frozen 8 s" + (f", records time out after {record_timeout_ms / 1000:.0f} s" if record_timeout_ms else "")
+    scenario = Scenario(stack, name, good_events(N, sample_jpegs, prefix="bs-"))
     scenario.publish([(k, v) for k, v, _ in scenario.good])
     scenario.wait_classified(N // 4)
 
