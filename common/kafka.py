@@ -114,9 +114,10 @@ class DeliveryTracker:
     def flush(self, timeout_s: float = 30.0) -> None:
         self.producer.flush(timeout_s)
         failures, pending = self.failures, self.pending
+        if failures or pending:
+            self._replace_producer()  # before the reset: the purged records report into this batch, not the next
         self.failures, self.pending = [], 0
         if failures or pending:
-            self._replace_producer()
             raise DeliveryError(f"{len(failures)} failed, {pending} undelivered: {failures[:3]}")
 
     def _replace_producer(self) -> None:
