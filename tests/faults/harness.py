@@ -22,8 +22,11 @@ def start(stack: LocalStack, kind: str, model: str, **options) -> WorkerProcess:
     return stack.start_worker(kind, model, wait_ready=False, **{**FAULT_WORKER_OPTIONS, **extra, **options})
 
 
-def start_pipeline(stack: LocalStack, model: str, **preprocess_options) -> tuple[WorkerProcess, WorkerProcess]:
-    pre, inf = start(stack, "preprocess", model, **preprocess_options), start(stack, "inference", model)
+def start_pipeline(stack: LocalStack, model: str, both: dict | None = None,
+                   **preprocess_options) -> tuple[WorkerProcess, WorkerProcess]:
+    """One preprocess + one inference worker, ready; `both`: options for the two of them."""
+    both = both or {}
+    pre, inf = start(stack, "preprocess", model, **both, **preprocess_options), start(stack, "inference", model, **both)
     stack.wait_ready([pre, inf])
     return pre, inf
 

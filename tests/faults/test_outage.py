@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.harness import N, Scenario, start, start_pipeline, wait_recovered
+from tests.faults.harness import N, Scenario, start_pipeline, wait_recovered
 from tests.support.events import good_events
 
 OUTAGE_S = 10.0
@@ -52,8 +52,7 @@ def test_broker_stall_mid_stream_loses_nothing_and_needs_no_restart(record_timeo
     memory only, so a broker *restart* would lose the log itself; compose/k8s run Apache Kafka, where that is
     the replicas' job.)"""
     options = {"kafka": (("message.timeout.ms", str(record_timeout_ms)),)} if record_timeout_ms else {}
-    pre, inf = start(stack, "preprocess", tiny_model, **options), start(stack, "inference", tiny_model, **options)
-    stack.wait_ready([pre, inf])
+    pre, inf = start_pipeline(stack, tiny_model, both=options)
     pids = (pre.proc.pid, inf.proc.pid)
     name = "broker frozen 8 s" + (f", records time out after {record_timeout_ms / 1000:.0f} s" if record_timeout_ms else "")
     scenario = Scenario(stack, name, good_events(N, sample_jpegs, prefix="bs-"))
