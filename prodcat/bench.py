@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     p.add_argument("--items", type=int, default=2000, help="events per end-to-end run")
-    p.add_argument("--repeats", type=int, default=3, help="full-load end-to-end runs (the median counts)")
+    p.add_argument("--repeats", type=int, default=3, help="full-load end-to-end runs (the median counts) and broker-stage runs (the cheapest counts)")
     p.add_argument("--photos", type=int, default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--providers", default="auto")
@@ -199,9 +199,19 @@ def bench_fp16(model_dir: str, providers: str, threads: int, batches: list[int],
             "fp16_max_abs_prob_diff": round(float(np.abs(p32 - p16).max()), 4), "fp16_checked_items": len(records)}
 
 
-def bench_broker(records, seconds: float) -> dict:
+def bench_broker(records, seconds: float, repeats: int = 3) -> dict:
     """Tensor records (≈150 KB, lz4 as the workers send them) through the real broker: produce rate, then
-    consume rate, and the CPU both sides spend per record (broker + client) — the broker's share of the bound."""
+    consume rate, and the CPU both sides spend per record (broker + client) — the broker's share of the bound.
+    Run `repeats` times, each in a fresh stack: single runs here cost 0.79–1.28 core-ms per record on the same
+    code, so the bound takes the cheapest run, as it does for inference (the cores can do no better than that)."""
+    runs = [_broker_run(records, seconds) for _ in range(max(1, repeats))]
+    for r in runs:
+        log(f"tensor records through the broker: {r}")
+    best = min(runs, key=lambda r: r["broker_core_ms_per_record"])
+    return {**best, "broker_core_ms_per_record_runs": [r["broker_core_ms_per_record"] for r in runs]}
+
+
+def _broker_run(records, seconds: float) -> dict:
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     from common import kafka
@@ -352,11 +362,27 @@ def bench_scaling(model_dir: str, inputs, n: int) -> dict:
 # ------------------------------------------------------------------ report
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")  # what ONNX Runtime's int8 kernels can use
+
+
+def cpu_info() -> dict:
+    """CPU model and SIMD flags: the same code and packages run at other speeds (and train other digests) on other CPUs."""
+    info = {"cpu_model": platform.processor(), "cpu_flags": []}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            first_cpu = f.read().split("\n\n")[0].splitlines()
+    except OSError:
+        return info
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name") or info["cpu_model"], "cpu_flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
 def machine_info() -> dict:
     import confluent_kafka
     import onnxruntime
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+    return {"cpu_count": os.cpu_count(), **cpu_info(), "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "librdkafka": confluent_kafka.libversion()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -424,7 +450,10 @@ SUMMARY_KEYS = ("preprocess_items_per_s_per_core", "inference_items_per_s_best",
 
 def markdown(fig: dict) -> str:
     cost = (fig.get("e2e_full") or {}).get("core_ms_per_item", {})  # CPU each process spent, per item
-    rows = [("preprocess, 1 core (800×800 JPEG → record)", fig.get("preprocess_items_per_s_per_core"), "items/s"),
+    machine = fig.get("machine", {})
+    cpu = f"{machine['cpu_count']} × {machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})" if machine.get("cpu_model") else None
+    rows = [("machine: cores × CPU (SIMD)", cpu, ""),
+            ("preprocess, 1 core (800×800 JPEG → record)", fig.get("preprocess_items_per_s_per_core"), "items/s"),
             ("decode + resize alone, 1 core", fig.get("decode_resize_per_s"), "images/s"),
             ("tokenize Latin names / Korean titles", f"{fig.get('tokenize_latin_per_s')} / {fig.get('tokenize_korean_per_s')}", "names/s"),
             *[(f"inference batch {b} ({fig.get('inference_provider')} {fig.get('inference_precision')}, {fig.get('inference_threads')} thr)",
@@ -432,7 +461,8 @@ def markdown(fig: dict) -> str:
             (f"inference, fp32 graph, batch {fig.get('best_batch')}", fig.get("inference_fp32_items_per_s_at_best_batch"), "items/s"),
             ("inference per core (best batch, 1 thread)", fig.get("inference_items_per_s_per_core"), "items/s"),
             ("tensor records through broker: produce / consume", f"{fig.get('broker_tensor_produce_per_s')} / {fig.get('broker_tensor_consume_per_s')}", "records/s"),
-            ("broker + client CPU per tensor record (produce + consume)", fig.get("broker_core_ms_per_record"), "core-ms"),
+            ("broker + client CPU per tensor record (produce + consume), cheapest run", fig.get("broker_core_ms_per_record"), "core-ms"),
+            ("broker + client CPU per tensor record, each run", fig.get("broker_core_ms_per_record_runs"), "core-ms"),
             ("preprocess via broker, 1 → 2 replicas", fig.get("preprocess_replicas_items_per_s"), "items/s"),
             ("bound: cores ÷ Σ stage core-seconds per item (preprocess + cheapest inference + broker)", fig.get("bound_items_per_s"), "items/s"),
             ("**end to end, full load** (median run)", fig.get("e2e_items_per_s"), "items/s"),
@@ -495,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
                 fig["fp16_skipped"] = str(e).splitlines()[0]
                 log(f"fp16 skipped: {fig['fp16_skipped']}")
     if "broker" in stages:
-        fig.update(bench_broker(records, args.seconds))
+        fig.update(bench_broker(records, args.seconds, args.repeats))
     if "scaling" in stages:
         fig.update(bench_scaling(args.model, inputs, args.items))
     if "e2e" in stages:
