@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     p.add_argument("--items", type=int, default=2000, help="events per end-to-end run")
-    p.add_argument("--repeats", type=int, default=3, help="full-load end-to-end runs (the median counts) and broker-stage runs (the cheapest counts)")
+    p.add_argument("--repeats", type=int, default=3, help="full-load end-to-end runs (the median counts); broker-stage and 1-thread inference runs (the cheapest counts)")
     p.add_argument("--photos", type=int, default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--providers", default="auto")
@@ -459,7 +459,8 @@ def markdown(fig: dict) -> str:
             *[(f"inference batch {b} ({fig.get('inference_provider')} {fig.get('inference_precision')}, {fig.get('inference_threads')} thr)",
                v, "items/s") for b, v in fig.get("inference_items_per_s", {}).items()],
             (f"inference, fp32 graph, batch {fig.get('best_batch')}", fig.get("inference_fp32_items_per_s_at_best_batch"), "items/s"),
-            ("inference per core (best batch, 1 thread)", fig.get("inference_items_per_s_per_core"), "items/s"),
+            ("inference per core (best batch, 1 thread), fastest run", fig.get("inference_items_per_s_per_core"), "items/s"),
+            ("inference per core, each run", fig.get("inference_items_per_s_per_core_runs"), "items/s"),
             ("tensor records through broker: produce / consume", f"{fig.get('broker_tensor_produce_per_s')} / {fig.get('broker_tensor_consume_per_s')}", "records/s"),
             ("broker + client CPU per tensor record (produce + consume), cheapest run", fig.get("broker_core_ms_per_record"), "core-ms"),
             ("broker + client CPU per tensor record, each run", fig.get("broker_core_ms_per_record_runs"), "core-ms"),
@@ -513,8 +514,11 @@ def run(args: argparse.Namespace) -> int:
     records = preprocessed_records(inputs[:256], tokenizer) if {"inference", "broker"} & set(stages) else []
     if "inference" in stages:
         fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds, args.precision))
-        one = bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2, args.precision)
-        fig["inference_items_per_s_per_core"] = one["inference_items_per_s_best"]
+        # one thread, --repeats short loops: the fastest counts (noise here only ever adds cost; single loops measured
+        # 186–244 items/s on the same code and moved the bound with them)
+        one = [bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2,
+                               args.precision)["inference_items_per_s_best"] for _ in range(max(1, args.repeats))]
+        fig["inference_items_per_s_per_core"], fig["inference_items_per_s_per_core_runs"] = max(one), one
         if fig["inference_precision"] == "int8":  # what quantization buys: the fp32 graph at the same batch
             fp32 = bench_inference(args.model, args.providers, args.threads, [fig["best_batch"]], records, args.seconds / 2, "fp32")
             fig["inference_fp32_items_per_s_at_best_batch"] = fp32["inference_items_per_s_best"]

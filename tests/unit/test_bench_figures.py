@@ -24,9 +24,10 @@ def test_bound_takes_the_cheapest_inference_and_the_ratios_follow():
 
 
 def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
-    fig = _fig(broker_core_ms_per_record_runs=[0.7, 0.5, 0.6])
+    fig = _fig(broker_core_ms_per_record_runs=[0.7, 0.5, 0.6], inference_items_per_s_per_core_runs=[380.0, 400.0])
     fig.update(derive(fig))
     md = markdown(fig)
     assert "| broker + client CPU per tensor record, each run | [0.7, 0.5, 0.6] | core-ms |" in md
+    assert "| inference per core, each run | [380.0, 400.0] | items/s |" in md
     assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
