@@ -1,5 +1,5 @@
 """The benchmark's derived figures: the bound uses each stage's cheapest measured cost per item."""
-from prodcat.bench import derive, markdown
+from prodcat.bench import cheapest_run, derive, markdown
 
 
 def _fig(**over):
@@ -31,3 +31,10 @@ def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
     assert "| inference per core, each run | [380.0, 400.0] | items/s |" in md
     assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
+
+
+def test_cheapest_run_measures_every_repeat_and_keeps_the_least_cost():
+    rates = iter([380.0, 420.0, 400.0])
+    best, runs = cheapest_run(3, lambda: next(rates), lambda rate: 1 / rate)
+    assert best == 420.0 and runs == [380.0, 420.0, 400.0]
+    assert cheapest_run(0, lambda: 1.0, float)[1] == [1.0]  # at least one run
