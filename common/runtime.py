@@ -18,6 +18,30 @@ def setup_logging() -> None:
     )
 
 
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next record instead of handing it back to the kernel.
+
+    Every record allocates ~150 KB buffers (the decoded image, the tensor record, librdkafka's copy and
+    its lz4 output). Above glibc's mmap threshold each one is a fresh mapping whose pages fault in
+    zeroed and are unmapped when freed: 50 minor faults per item in the preprocess worker. Buffers up to
+    32 MiB (a batch of images) now come from the heap, and the heap is trimmed only past 256 MiB free.
+    False where the C library is not glibc (nothing changes there)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 16 << 20)))
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT: the loop finishes its batch, commits, and leaves the group."""
 
@@ -49,6 +73,7 @@ def worker_main(worker: str, description: str, build, argv: list[str] | None = N
     settings_mod.add_arguments(parser)
     settings = settings_mod.load(parser.parse_args(argv))
     setup_logging()
+    reuse_freed_memory()
     stop = StopFlag()
     health = start_metrics(worker, settings)
     try:
