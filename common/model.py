@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +130,26 @@ class Prediction:
     category_path: list  # leaf → root
 
 
+class PendingRun:
+    """One batch's ORT runs, submitted to the lane pool. `result()`: probs in input order (re-raises a run's
+    error); `seconds`: first run's start to last run's end — the batch's own inference time, not its wait
+    behind the batch before."""
+
+    def __init__(self, runs: list[Future]):
+        self._runs = runs
+
+    def done(self) -> bool:
+        return all(r.done() for r in self._runs)
+
+    def result(self) -> np.ndarray:
+        return np.concatenate([r.result()[0] for r in self._runs])
+
+    @property
+    def seconds(self) -> float:
+        spans = [r.result()[1:] for r in self._runs]
+        return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
 class Classifier:
     """One ONNX Runtime session over a model directory.
 
@@ -201,7 +221,22 @@ class Classifier:
             raise ModelError(f"warm-up produced {probs.shape} / non-finite values")
 
     def run(self, token_ids: list[np.ndarray], images: list) -> np.ndarray:
-        """Batch of (token ids, uint8 image or None) → probs [B, n_labels]."""
+        """Batch of (token ids, uint8 image or None) → probs [B, n_labels]; one ORT run stays in the calling thread."""
+        chunks = self._chunks(token_ids, images)
+        return self._timed_run(chunks[0])[0] if len(chunks) == 1 else self._on_lanes(chunks).result()
+
+    def submit(self, token_ids: list[np.ndarray], images: list) -> "PendingRun":
+        """The same batch started on the lanes (a GPU session: its one lane), so the caller can checkpoint the
+        batch before meanwhile; its runs queue behind those of batches submitted earlier. Never raises: a
+        batch that cannot run fails in `result()`, where the caller isolates its items."""
+        try:
+            return self._on_lanes(self._chunks(token_ids, images))
+        except Exception as e:  # noqa: BLE001 — e.g. an image of the wrong shape
+            failed: Future = Future()
+            failed.set_exception(e)
+            return PendingRun([failed])
+
+    def _chunks(self, token_ids: list[np.ndarray], images: list) -> list[dict]:
         batch = len(token_ids)
         image = np.zeros((batch, *IMAGE_SHAPE), dtype=np.uint8)
         present = np.zeros(batch, dtype=np.float32)
@@ -211,12 +246,18 @@ class Classifier:
                 present[i] = 1.0
         feeds = {"token_ids": self.tokenizer.pad(token_ids), "image": image, "image_present": present}
         if not self.chunked or batch <= CPU_RUN_ITEMS:
-            return self.session.run(["probs"], feeds)[0]
-        chunks = [{k: v[i : i + CPU_RUN_ITEMS] for k, v in feeds.items()} for i in range(0, batch, CPU_RUN_ITEMS)]
-        if self.lanes == 1:
-            return np.concatenate([self.session.run(["probs"], c)[0] for c in chunks])
+            return [feeds]
+        return [{k: v[i : i + CPU_RUN_ITEMS] for k, v in feeds.items()} for i in range(0, batch, CPU_RUN_ITEMS)]
+
+    def _on_lanes(self, chunks: list[dict]) -> "PendingRun":
         # the lanes take chunks as they free up; ORT releases the GIL while it runs
-        return np.concatenate(list(_lane_pool(self.lanes).map(lambda c: self.session.run(["probs"], c)[0], chunks)))
+        pool = _lane_pool(self.lanes)
+        return PendingRun([pool.submit(self._timed_run, c) for c in chunks])
+
+    def _timed_run(self, feeds: dict) -> tuple[np.ndarray, float, float]:
+        t0 = time.perf_counter()
+        probs = self.session.run(["probs"], feeds)[0]
+        return probs, t0, time.perf_counter()
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         labels = self.manifest.labels

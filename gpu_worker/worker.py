@@ -1,10 +1,18 @@
 """The inference loop, top to bottom: poll → batch (size | deadline) → decode → infer → produce →
-checkpoint (flush → Redis → commit). A revoke finishes the pending batch first; a lost partition drops it.
-A failed checkpoint pauses consumption until Redis answers a PING again (Checkpoint.hold)."""
+checkpoint (flush → Redis → commit). Inference of a batch overlaps the checkpoint of the one before: a batch
+is started on the lanes (a GPU: its one lane) as soon as it is released, and the batch before is produced and
+checkpointed while it runs, so the model is not left idle while results are written. Offsets are still
+committed batch by batch, in order, each only after its results are flushed and in Redis.
+
+A revoke finishes every started and pending batch first; a lost partition drops them. A failed checkpoint
+rewinds its batch and every batch after it (none is committed past a rewound one) and pauses consumption until
+Redis answers a PING again (Checkpoint.hold)."""
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 from confluent_kafka import Message
@@ -12,6 +20,7 @@ from confluent_kafka import Message
 from common import kafka, metrics, runtime, schemas
 from common.checkpoint import Checkpoint
 from common.errors import ProcessingError
+from common.model import Classifier, PendingRun
 from common.settings import Settings
 from gpu_worker.batcher import BatchQueue
 from gpu_worker.model_holder import ModelHolder
@@ -19,6 +28,16 @@ from gpu_worker.sink import RedisSink
 
 WORKER = "inference"
 log = logging.getLogger(WORKER)
+
+
+@dataclass
+class StartedBatch:
+    """A released batch between decode and checkpoint: its inference runs (one per model) are under way."""
+    messages: list[Message]
+    runs: list[tuple[Classifier, list[tuple[Message, schemas.TensorRecord]], PendingRun]]
+
+    def inferred(self) -> bool:
+        return all(run.done() for _, _, run in self.runs)
 
 
 class InferenceWorker:
@@ -32,6 +51,7 @@ class InferenceWorker:
         self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health, probe=self.sink.ping)
         self.pending: BatchQueue[Message] = BatchQueue(settings.max_batch, settings.max_delay_ms / 1000.0)
+        self.started: deque[StartedBatch] = deque()  # oldest first; at most two (one running, one queued)
 
     def run(self) -> None:
         self.consumer.subscribe([self.settings.topic_tensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -40,26 +60,34 @@ class InferenceWorker:
             while not self.stop:
                 if self.checkpoint.hold():  # a dependency is down: paused until it answers again
                     continue
-                wait = self.pending.time_left()
-                # 1. poll; with nothing pending, wait at most one max delay too, so the first record's wait stays bounded
-                messages = self.consumer.consume(max(1, self.pending.room), timeout=max(0.005, self.pending.max_delay_s) if wait is None else wait)
+                # 1. poll: up to the batch's deadline; with a batch running and none pending, only what is already
+                #    fetched (its checkpoint is not kept waiting on an idle topic); with neither, one max delay,
+                #    so the first record's wait stays bounded
+                messages = self.consumer.consume(max(1, self.pending.room), timeout=self._poll_timeout())
                 for msg in kafka.records(WORKER, messages):
                     self.pending.add(msg)  # 2. batch
                 if self.pending.ready():
-                    self.process(self.pending.take())
-                elif not len(self.pending):
+                    self.started.append(self.start(self.pending.take()))  # 3. decode, 4. inference starts
+                if len(self.started) > 1 or (self.started and (not messages or self.started[0].inferred())):
+                    self.finish(self.started.popleft())  # 5. produce, 6. checkpoint — while the next batch runs
+                elif not self.started and not len(self.pending):
                     self.model.maybe_reload()  # only between batches: no batch mixes two models
         finally:
-            if len(self.pending):
-                self.process(self.pending.take())  # SIGTERM: finish the batch, commit, then leave
+            self._finish_all()  # SIGTERM: finish the batches, commit, then leave
             self.health.set_ready(False, "stopping")
             self.consumer.close()
             log.info("stopped")
 
-    def process(self, messages: list[Message]) -> None:
+    def _poll_timeout(self) -> float:
+        wait = self.pending.time_left()
+        if wait is not None:
+            return wait
+        return 0.0 if self.started else max(0.005, self.pending.max_delay_s)
+
+    def start(self, messages: list[Message]) -> StartedBatch:
         metrics.EVENTS_IN.labels(WORKER).inc(len(messages))
         metrics.BATCH_SIZE.labels(WORKER).observe(len(messages))
-        batches: dict[int, tuple] = {}  # one ONNX batch per model: no batch mixes two models
+        groups: dict[int, tuple] = {}  # one ONNX batch per model: no batch mixes two models
         for msg in messages:  # 3. decode, and pick the model that knows the record's vocabulary
             rec = None
             try:
@@ -68,10 +96,14 @@ class InferenceWorker:
             except ProcessingError as e:
                 self.dead_letter(msg, e, rec.product_id if rec else None)
                 continue
-            batches.setdefault(id(clf), (clf, []))[1].append((msg, rec))
+            groups.setdefault(id(clf), (clf, []))[1].append((msg, rec))
+        runs = [(clf, items, self._submit(clf, [rec for _, rec in items])) for clf, items in groups.values()]  # 4
+        return StartedBatch(messages, runs)
+
+    def finish(self, batch: StartedBatch) -> None:
         results = []
-        for clf, items in batches.values():
-            for (msg, rec), outcome in zip(items, self.infer(clf, [rec for _, rec in items])):  # 4. infer
+        for clf, items, run in batch.runs:
+            for (msg, rec), outcome in zip(items, self.infer(clf, [rec for _, rec in items], run)):  # 4. results
                 if isinstance(outcome, ProcessingError):
                     self.dead_letter(msg, outcome, rec.product_id)
                     continue
@@ -79,12 +111,23 @@ class InferenceWorker:
                 self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), msg.key())  # 5. produce
                 results.append(res)
         duplicates = []
-        if self.checkpoint.commit(messages, write_sink=lambda: duplicates.append(self.sink.write(results))):  # 6
+        if self.checkpoint.commit(batch.messages, write_sink=lambda: duplicates.append(self.sink.write(results))):  # 6
             done = time.time()
             for res in results:
                 metrics.E2E_SECONDS.labels(WORKER).observe(done - res["event_time"])
-            metrics.EVENTS_OUT.labels(WORKER).inc(len(messages))
+            metrics.EVENTS_OUT.labels(WORKER).inc(len(batch.messages))
             metrics.DUPLICATES.labels(WORKER).inc(duplicates[0] if duplicates else 0)
+        else:
+            # the batch was rewound: the later ones are consumed again with it, so none may commit past it
+            later = [m for b in self.started for m in b.messages] + self.pending.take()
+            self.started.clear()
+            kafka.rewind(self.consumer, batch.messages + later)
+
+    def _finish_all(self) -> None:
+        while self.started:
+            self.finish(self.started.popleft())
+        if len(self.pending):
+            self.finish(self.start(self.pending.take()))
 
     def _model_for(self, rec: schemas.TensorRecord):
         clf = self.model.for_vocabulary(rec.tokenizer_id)
@@ -97,29 +140,28 @@ class InferenceWorker:
             raise ProcessingError("BAD_TENSOR_RECORD", f"token id outside 0..{clf.tokenizer.config.n_ids - 1}")
         return clf
 
-    def infer(self, clf, records: list[schemas.TensorRecord]) -> list:
+    def infer(self, clf: Classifier, records: list[schemas.TensorRecord], run: PendingRun) -> list:
         """One prediction or one ProcessingError per record. A failing batch is retried item by item,
         so one poison record cannot fail its neighbours."""
         if not records:
             return []
         try:
-            return self._run(clf, records)
+            probs = run.result()
+            if not np.all(np.isfinite(probs)):
+                raise ValueError("model produced non-finite probabilities")
         except Exception as e:  # noqa: BLE001 — ORT raises its own types
             if len(records) == 1:
                 return [ProcessingError("INFERENCE_FAILED", f"{type(e).__name__}: {e}")]
             log.warning("batch of %d failed (%s); isolating", len(records), e)
-            return [self.infer(clf, [r])[0] for r in records]
-
-    def _run(self, clf, records: list[schemas.TensorRecord]) -> list:
-        t0 = time.perf_counter()
-        probs = clf.run([r.token_ids for r in records], [r.image for r in records])
-        elapsed = time.perf_counter() - t0
-        if not np.all(np.isfinite(probs)):
-            raise ValueError("model produced non-finite probabilities")
-        metrics.INFERENCE_SECONDS.labels(WORKER, clf.provider, clf.version).observe(elapsed)
-        metrics.STAGE_SECONDS.labels(WORKER, "infer").observe(elapsed)
-        per_item_ms = 1000.0 * elapsed / len(records)
+            return [self.infer(clf, [r], self._submit(clf, [r]))[0] for r in records]
+        metrics.INFERENCE_SECONDS.labels(WORKER, clf.provider, clf.version).observe(run.seconds)
+        metrics.STAGE_SECONDS.labels(WORKER, "infer").observe(run.seconds)
+        per_item_ms = 1000.0 * run.seconds / len(records)
         return [(p, per_item_ms) for p in clf.predictions(probs)]
+
+    @staticmethod
+    def _submit(clf: Classifier, records: list[schemas.TensorRecord]) -> PendingRun:
+        return clf.submit([r.token_ids for r in records], [r.image for r in records])
 
     def _result(self, rec: schemas.TensorRecord, outcome, model_version: str) -> dict:
         prediction, infer_ms = outcome
@@ -143,11 +185,11 @@ class InferenceWorker:
     def _on_revoke(self, consumer, partitions) -> None:
         # still the owner: finish and commit what was taken from these partitions before they move
         kafka.note_rebalance(WORKER, "revoke", partitions)
-        if len(self.pending):
-            self.process(self.pending.take())
+        self._finish_all()
 
     def _on_lost(self, consumer, partitions) -> None:
         # no longer the owner: a commit would be refused and another member already has them — drop
         kafka.note_rebalance(WORKER, "lost", partitions)
-        dropped = self.pending.take()
+        dropped = [m for b in self.started for m in b.messages] + self.pending.take()
+        self.started.clear()
         log.warning("lost %s, dropped %d uncommitted records", [p.partition for p in partitions], len(dropped))

@@ -34,3 +34,13 @@ def test_precision_falls_back_to_fp32_and_refuses_bad_values(model_dir):
         Classifier(model_dir, "cpu", precision="int8")
     with pytest.raises(ModelError, match="expected one of auto, fp32, int8"):
         Classifier(model_dir, "cpu", precision="fp16")
+
+
+def test_submit_runs_on_the_lanes_and_fails_in_result_not_at_submit(model_dir):
+    clf = Classifier(model_dir, "cpu", 2)
+    names, ids, images = _batch(clf, 2)
+    pending = clf.submit(ids, images)
+    assert np.allclose(pending.result(), clf.run(ids, images), atol=1e-6) and pending.done() and pending.seconds > 0
+    broken = clf.submit(ids[:2], [np.zeros((10, 10, 3), np.uint8), None])  # wrong image shape: no exception here
+    with pytest.raises(ValueError):
+        broken.result()
