@@ -70,8 +70,10 @@ class InferenceWorker:
                     self.started.append(self.start(self.pending.take()))  # 3. decode, 4. inference starts
                 if len(self.started) > 1 or (self.started and (not messages or self.started[0].inferred())):
                     self.finish(self.started.popleft())  # 5. produce, 6. checkpoint — while the next batch runs
-                elif not self.started and not len(self.pending):
-                    self.model.maybe_reload()  # only between batches: no batch mixes two models
+                if not len(self.pending):
+                    # between batches (no batch mixes two models; a started one keeps its own), also under a
+                    # backlog, where a batch is always running
+                    self.model.maybe_reload()
         finally:
             self._finish_all()  # SIGTERM: finish the batches, commit, then leave
             self.health.set_ready(False, "stopping")

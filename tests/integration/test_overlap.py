@@ -1,6 +1,7 @@
 """The inference worker on the real broker + Redis: the batch after the one being checkpointed is already
 on the lanes (the model does not wait for Redis and commits), while offsets are still committed batch by
-batch in order, and every record ends in Redis with its offset committed."""
+batch in order, every record ends in Redis with its offset committed, and the worker still looks for a
+new model version while batches are running."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,14 @@ def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model)
         return checkpoint(messages, *args, **kwargs)
 
     worker.checkpoint.commit = observed_commit
+    reload_checks = []  # batches started at each look for a new model version
+    maybe_reload = worker.model.maybe_reload
+
+    def observed_reload(*args, **kwargs):
+        reload_checks.append(len(worker.started))
+        return maybe_reload(*args, **kwargs)
+
+    worker.model.maybe_reload = observed_reload
     loop = threading.Thread(target=worker.run)
     loop.start()
     try:
@@ -55,6 +64,7 @@ def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model)
     assert sorted(results) == sorted(ids)
     assert all(results[f"ov-{i}"]["category"] == expected_category(NAMES[i % 3]) for i in range(24))
     assert any(started for started, _ in commits), "no checkpoint ran while a later batch was on the lanes"
+    assert any(reload_checks), "a backlog (a batch always running) must not keep a new model version out"
     for partition in {p for _, firsts in commits for p in firsts}:  # batch by batch, in offset order
         firsts = [f[partition] for _, f in commits if partition in f]
         assert firsts == sorted(firsts)
