@@ -121,9 +121,13 @@ class InferenceWorker:
             metrics.DUPLICATES.labels(WORKER).inc(duplicates[0] if duplicates else 0)
         else:
             # the batch was rewound: the later ones are consumed again with it, so none may commit past it
-            later = [m for b in self.started for m in b.messages] + self.pending.take()
-            self.started.clear()
-            kafka.rewind(self.consumer, batch.messages + later)
+            kafka.rewind(self.consumer, batch.messages + self._take_uncommitted())
+
+    def _take_uncommitted(self) -> list[Message]:
+        """Every started and pending record, oldest first; the worker then holds none."""
+        taken = [m for batch in self.started for m in batch.messages] + self.pending.take()
+        self.started.clear()
+        return taken
 
     def _finish_all(self) -> None:
         while self.started:
@@ -192,6 +196,5 @@ class InferenceWorker:
     def _on_lost(self, consumer, partitions) -> None:
         # no longer the owner: a commit would be refused and another member already has them — drop
         kafka.note_rebalance(WORKER, "lost", partitions)
-        dropped = [m for b in self.started for m in b.messages] + self.pending.take()
-        self.started.clear()
+        dropped = self._take_uncommitted()
         log.warning("lost %s, dropped %d uncommitted records", [p.partition for p in partitions], len(dropped))
