@@ -325,10 +325,11 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1
         consumer = Consumer({"bootstrap.servers": stack.settings.bootstrap_servers, "group.id": "naive", "enable.auto.commit": False})
         consumer.assign([TopicPartition(stack.settings.topic_raw, 0, OFFSET_BEGINNING)])
         procs = [os.getpid(), stack.broker.pid] + ([stack.redis_proc.pid] if stack.redis_proc else [])
-        for run in range(max(1, repeats)):
+        repeats = max(1, repeats)
+        for run in range(repeats):
             publish(stack.settings, events_for(inputs, n, f"naive{run}-"))
             runs.append(_naive_run(clf, consumer, r, n, procs))
-            log(f"naive, run {run + 1}/{max(1, repeats)}: {runs[-1]}")
+            log(f"naive, run {run + 1}/{repeats}: {runs[-1]}")
         consumer.close()
     median = sorted(runs, key=lambda x: x["naive_items_per_s"])[len(runs) // 2]
     return {**median, "naive_items_per_s_runs": [x["naive_items_per_s"] for x in runs]}
