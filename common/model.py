@@ -102,6 +102,20 @@ def cpu_session(path: str, threads: int):
     return ort.InferenceSession(path, sess_options=_session_options(threads), providers=["CPUExecutionProvider"])
 
 
+_NO_IMAGE = np.zeros((1, *IMAGE_SHAPE), dtype=np.uint8)  # read-only input for items without a photo
+_NO_IMAGE.flags.writeable = False
+
+
+def _one_image(img) -> np.ndarray:
+    """A [1, 224, 224, 3] input for one item: a view of its uint8 image (checked here, as a batch copy would)."""
+    if img is None:
+        return _NO_IMAGE
+    img = np.asarray(img)
+    if img.shape != IMAGE_SHAPE or img.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 {IMAGE_SHAPE}, got {img.dtype} {img.shape}")
+    return img[None]
+
+
 @functools.cache
 def _lane_pool(lanes: int) -> ThreadPoolExecutor:
     """One pool per process and lane count, shared by every Classifier (a hot reload adds no threads)."""
@@ -238,13 +252,16 @@ class Classifier:
 
     def _chunks(self, token_ids: list[np.ndarray], images: list) -> list[dict]:
         batch = len(token_ids)
-        image = np.zeros((batch, *IMAGE_SHAPE), dtype=np.uint8)
-        present = np.zeros(batch, dtype=np.float32)
+        tokens = self.tokenizer.pad(token_ids)
+        present = np.array([img is not None for img in images], dtype=np.float32)
+        if self.chunked and batch > CPU_RUN_ITEMS == 1:
+            # one run per item: each feeds its record's own image (a view of the Kafka payload), no batch copy
+            return [{"token_ids": tokens[i : i + 1], "image": _one_image(img), "image_present": present[i : i + 1]}
+                    for i, img in enumerate(images)]
+        image = np.empty((batch, *IMAGE_SHAPE), dtype=np.uint8)  # every row is written below: no zero fill first
         for i, img in enumerate(images):
-            if img is not None:
-                image[i] = img
-                present[i] = 1.0
-        feeds = {"token_ids": self.tokenizer.pad(token_ids), "image": image, "image_present": present}
+            image[i] = 0 if img is None else img
+        feeds = {"token_ids": tokens, "image": image, "image_present": present}
         if not self.chunked or batch <= CPU_RUN_ITEMS:
             return [feeds]
         return [{k: v[i : i + CPU_RUN_ITEMS] for k, v in feeds.items()} for i in range(0, batch, CPU_RUN_ITEMS)]
@@ -263,20 +280,19 @@ class Classifier:
         labels = self.manifest.labels
         k = min(self.top_k, len(labels))
         order = np.argsort(-probs, axis=1)[:, :k]
-        out = []
-        for row, idx in zip(probs, order):
-            leaf = labels[idx[0]]
-            conf = float(row[idx[0]])
-            out.append(
-                Prediction(
-                    category=leaf,
-                    confidence=conf,
-                    top_k=[{"category": labels[j], "p": round(float(row[j]), 6)} for j in idx],
-                    uncertain=conf < self.manifest.threshold,
-                    category_path=[leaf, *self.manifest.parents.get(leaf, [])],
-                )
-            )
-        return out
+        top = np.take_along_axis(probs, order, axis=1).astype(np.float64).tolist()  # Python floats, one call per batch
+        paths, threshold = self._category_paths, self.manifest.threshold
+        return [
+            Prediction(category=labels[idx[0]], confidence=p[0],
+                       top_k=[{"category": labels[j], "p": round(pj, 6)} for j, pj in zip(idx, p)],
+                       uncertain=p[0] < threshold, category_path=list(paths[idx[0]]))
+            for idx, p in zip(order.tolist(), top)
+        ]
+
+    @functools.cached_property
+    def _category_paths(self) -> list[tuple[str, ...]]:
+        """Leaf → root for every label index, built once per model."""
+        return [(leaf, *self.manifest.parents.get(leaf, [])) for leaf in self.manifest.labels]
 
 
 def _signature(model_dir: str) -> tuple:
