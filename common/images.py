@@ -15,6 +15,7 @@ import io
 import ipaddress
 import os
 import socket
+import stat
 import urllib.parse
 from dataclasses import dataclass
 
@@ -81,7 +82,9 @@ def _read_file(path: str, policy: FetchPolicy) -> bytes:
         raise ProcessingError("URL_PATH_FORBIDDEN", f"{path} is outside the allowed file roots")
     try:
         with open(real, "rb") as f:
-            data = f.read(policy.max_bytes + 1)
+            # sized by the file: read(max_bytes + 1) would allocate a 10 MB buffer per image (+0.04 ms each)
+            st = os.fstat(f.fileno())
+            data = f.read(min(st.st_size if stat.S_ISREG(st.st_mode) else policy.max_bytes, policy.max_bytes) + 1)
     except OSError as e:
         raise ProcessingError("URL_FETCH_FAILED", f"cannot read {path}: {e.strerror}") from None
     if len(data) > policy.max_bytes:
