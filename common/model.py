@@ -254,7 +254,7 @@ class Classifier:
         batch = len(token_ids)
         tokens = self.tokenizer.pad(token_ids)
         present = np.array([img is not None for img in images], dtype=np.float32)
-        if self.chunked and batch > CPU_RUN_ITEMS == 1:
+        if self.chunked and CPU_RUN_ITEMS == 1 and batch > 1:
             # one run per item: each feeds its record's own image (a view of the Kafka payload), no batch copy
             return [{"token_ids": tokens[i : i + 1], "image": _one_image(img), "image_present": present[i : i + 1]}
                     for i, img in enumerate(images)]
