@@ -29,10 +29,9 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # optional: the image tower's convolutions in int8, written only if validation held
 PRECISIONS = ("auto", "fp32", "int8")  # auto = int8 where it exists and the session runs on CPU, else fp32
-# On CPU a batch runs as ORT runs of this many items, spread over the lanes: a single-threaded run is cheapest
-# per item at one image (int8 graph, one lane: 480 / 467 / 460 images/s in runs of 1 / 2 / 4; 393 at 8, 343 at
-# 16: larger runs spill activations out of cache), so the worker's batch (one checkpoint) can be large.
-CPU_RUN_ITEMS = 1
+# On CPU a batch runs as one ORT run per item, spread over the lanes: a single-threaded run is cheapest per item
+# at one image (int8 graph, one lane: 480 / 467 / 460 images/s in runs of 1 / 2 / 4; 393 at 8, 343 at 16: larger
+# runs spill activations out of cache), so the worker's batch (one checkpoint) can be large.
 MANIFEST_FORMAT = "prodcat-model/1"
 
 
@@ -172,7 +171,7 @@ class Classifier:
     session really runs on CPU.
 
     intra_op_threads: ORT's intra-op pool on a GPU session; on CPU that many lanes: concurrent single-threaded
-    runs over chunks of CPU_RUN_ITEMS of each batch (0 = ORT's default pool, one run per batch)."""
+    runs, one per item of each batch (0 = ORT's default pool, one run per batch)."""
 
     def __init__(self, model_dir: str, providers: str = "auto", intra_op_threads: int = 1, top_k: int = 3,
                  precision: str = "auto"):
@@ -254,17 +253,14 @@ class Classifier:
         batch = len(token_ids)
         tokens = self.tokenizer.pad(token_ids)
         present = np.array([img is not None for img in images], dtype=np.float32)
-        if self.chunked and CPU_RUN_ITEMS == 1 and batch > 1:
+        if self.chunked and batch > 1:
             # one run per item: each feeds its record's own image (a view of the Kafka payload), no batch copy
             return [{"token_ids": tokens[i : i + 1], "image": _one_image(img), "image_present": present[i : i + 1]}
                     for i, img in enumerate(images)]
         image = np.empty((batch, *IMAGE_SHAPE), dtype=np.uint8)  # every row is written below: no zero fill first
         for i, img in enumerate(images):
             image[i] = 0 if img is None else img
-        feeds = {"token_ids": tokens, "image": image, "image_present": present}
-        if not self.chunked or batch <= CPU_RUN_ITEMS:
-            return [feeds]
-        return [{k: v[i : i + CPU_RUN_ITEMS] for k, v in feeds.items()} for i in range(0, batch, CPU_RUN_ITEMS)]
+        return [{"token_ids": tokens, "image": image, "image_present": present}]
 
     def _on_lanes(self, chunks: list[dict]) -> "PendingRun":
         # the lanes take chunks as they free up; ORT releases the GIL while it runs

@@ -312,7 +312,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
 def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1) -> dict:
     """The service without the Kafka split, as a first version would be written: one process, one event at a
     time — consume, full-resolution decode, batch-1 inference (ORT default threads), Redis write. `repeats`
-    runs of n events in one stack; the median run counts, as end to end's does (single runs swing ±5 %)."""
+    runs of n events in one stack; the median of the runs counts, as end to end's does (single runs swing ±5 %)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from prodcat.stack import LocalStack, publish
