@@ -171,16 +171,19 @@ class Classifier:
     session really runs on CPU.
 
     intra_op_threads: ORT's intra-op pool on a GPU session; on CPU that many lanes: concurrent single-threaded
-    runs, one per item of each batch (0 = ORT's default pool, one run per batch)."""
+    runs, one per item of each batch (0 = ORT's default pool, one run per batch).
+
+    session_options: ORT options instead of the serving ones (the bench's naive process: ORT's own defaults)."""
 
     def __init__(self, model_dir: str, providers: str = "auto", intra_op_threads: int = 1, top_k: int = 3,
-                 precision: str = "auto"):
+                 precision: str = "auto", session_options=None):
         if precision not in PRECISIONS:
             raise ModelError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.model_dir = model_dir
         self.manifest = Manifest.load(model_dir)
         self.tokenizer = Tokenizer(self.manifest.tokenizer)
         self.top_k = top_k
+        self._session_options = session_options
         if precision == "int8" and self.manifest.int8_file is None:
             raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
         wanted = choose_providers(providers)
@@ -200,7 +203,7 @@ class Classifier:
         self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over chunks of one batch
         self.chunked = on_cpu and intra_op_threads > 0  # 0 = ORT's default pool, one run per batch
         threads = 1 if self.lanes > 1 else intra_op_threads
-        self.session = self._open(self.precision, _session_options(threads), providers)
+        self.session = self._open(self.precision, self._session_options or _session_options(threads), providers)
 
     def _open(self, precision: str, opts, providers: list[str]):
         import onnxruntime as ort

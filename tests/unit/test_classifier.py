@@ -44,3 +44,15 @@ def test_submit_runs_on_the_lanes_and_fails_in_result_not_at_submit(model_dir):
     broken = clf.submit(ids[:2], [np.zeros((10, 10, 3), np.uint8), None])  # wrong image shape: no exception here
     with pytest.raises(ValueError):
         broken.result()
+
+
+def test_session_options_replace_the_serving_ones(model_dir):
+    import onnxruntime as ort
+
+    served = Classifier(model_dir, "cpu", 0).session.get_session_options()
+    assert served.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # workers share cores
+    defaults = ort.SessionOptions()  # what the bench's naive process runs with
+    defaults.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    clf = Classifier(model_dir, "cpu", 0, session_options=defaults)
+    assert clf.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
