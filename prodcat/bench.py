@@ -196,6 +196,7 @@ def bench_fp16(model_dir: str, providers: str, threads: int, batches: list[int],
 
     with tempfile.TemporaryDirectory(prefix="prodcat-fp16-") as fp16_dir:
         fp16_copy(model_dir, fp16_dir)
+        log("fp16 copy (it sits where the fp32 graph does, so the lines below say fp32):")
         speed = bench_inference(fp16_dir, providers, threads, batches, records, seconds, "fp32")
         tokens, images = [r.token_ids for r in records], [r.image for r in records]
         p32 = Classifier(model_dir, providers, threads, precision="fp32").run(tokens, images)
@@ -326,7 +327,7 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1
 
     from prodcat.stack import LocalStack, publish
 
-    # spinning, ORT's default, made it 7 % faster than the workers' no-spin pool (4 interleaved pairs of 1,000 items)
+    # ORT's defaults spin between ops: +7 % over the workers' no-spin pool alone on the machine (4 interleaved pairs)
     clf = Classifier(model_dir, "CPU", intra_op_threads=0, precision=precision, session_options=ort.SessionOptions())
     runs = []
     with LocalStack() as stack:
