@@ -373,21 +373,26 @@ def _naive_run(clf: Classifier, consumer, r, n: int, procs: list[int]) -> dict:
 
 
 def bench_scaling(model_dir: str, inputs, n: int) -> dict:
-    """Preprocess workers alone through the broker, 1 then 2 replicas: events/s until all are out."""
+    """Preprocess workers alone through the broker, 1 then 2 replicas: events/s until all are out, and how many
+    cores the workers, the broker and the publisher kept busy meanwhile (a second replica scales only into idle cores)."""
     from prodcat.stack import LocalStack, publish
 
-    out = {}
+    out, busy = {}, {}
     for k in (1, 2):
         with LocalStack() as stack:
             stack.create_topics()
             workers = [stack.start_worker("preprocess", model_dir, wait_ready=False) for _ in range(k)]
             stack.wait_ready(workers, timeout_s=120)
+            pids = [stack.broker.pid, os.getpid(), *(w.proc.pid for w in workers)]
+            cpu0 = cpu_seconds(*pids)
             start = publish(stack.settings, events_for(inputs, n, f"s{k}-"))
             while sum(w.metric("prodcat_events_out_total") for w in workers) < n:
                 time.sleep(0.05)
-            out[k] = round(n / (time.time() - start), 1)
-        log(f"preprocess through the broker, {k} replica(s): {out[k]} items/s")
-    return {"preprocess_replicas_items_per_s": out, "preprocess_scaling_1_to_2": round(out[2] / out[1], 2)}
+            elapsed = time.time() - start
+            out[k], busy[k] = round(n / elapsed, 1), round((cpu_seconds(*pids) - cpu0) / elapsed, 2)
+        log(f"preprocess through the broker, {k} replica(s): {out[k]} items/s, {busy[k]} cores busy")
+    return {"preprocess_replicas_items_per_s": out, "preprocess_replicas_cores_busy": busy,
+            "preprocess_scaling_1_to_2": round(out[2] / out[1], 2)}
 
 
 # ------------------------------------------------------------------ report
@@ -499,6 +504,7 @@ def markdown(fig: dict) -> str:
             ("broker + client CPU per tensor record (produce + consume), cheapest run", fig.get("broker_core_ms_per_record"), "core-ms"),
             ("broker + client CPU per tensor record, each run", fig.get("broker_core_ms_per_record_runs"), "core-ms"),
             ("preprocess via broker, 1 → 2 replicas", fig.get("preprocess_replicas_items_per_s"), "items/s"),
+            ("preprocess via broker, cores busy (workers + broker + publisher), 1 → 2 replicas", fig.get("preprocess_replicas_cores_busy"), ""),
             ("bound: cores ÷ Σ stage core-seconds per item (preprocess + cheapest inference + broker)", fig.get("bound_items_per_s"), "items/s"),
             ("**end to end, full load** (median run)", fig.get("e2e_items_per_s"), "items/s"),
             ("end to end, full load, each run", (fig.get("e2e_full") or {}).get("items_per_s_runs"), "items/s"),
