@@ -183,7 +183,7 @@ class Classifier:
         self.manifest = Manifest.load(model_dir)
         self.tokenizer = Tokenizer(self.manifest.tokenizer)
         self.top_k = top_k
-        self._session_options = session_options
+        self._options_override = session_options  # None: the serving options (_session_options)
         if precision == "int8" and self.manifest.int8_file is None:
             raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
         wanted = choose_providers(providers)
@@ -203,7 +203,7 @@ class Classifier:
         self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over chunks of one batch
         self.chunked = on_cpu and intra_op_threads > 0  # 0 = ORT's default pool, one run per batch
         threads = 1 if self.lanes > 1 else intra_op_threads
-        self.session = self._open(self.precision, self._session_options or _session_options(threads), providers)
+        self.session = self._open(self.precision, self._options_override or _session_options(threads), providers)
 
     def _open(self, precision: str, opts, providers: list[str]):
         import onnxruntime as ort

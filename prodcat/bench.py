@@ -392,7 +392,8 @@ def bench_scaling(model_dir: str, inputs, n: int) -> dict:
                 seen.append((time.time(), sum(w.metric("prodcat_events_out_total") for w in workers), cpu_seconds(*pids)))
                 time.sleep(0.05)  # each look scrapes every worker's /metrics: not so often that it costs them CPU
             (t10, n10, cpu10), (t90, n90, cpu90) = (next(x for x in seen if x[1] >= q * n) for q in (0.1, 0.9))
-            out[k], busy[k] = round((n90 - n10) / max(t90 - t10, 1e-3), 1), round((cpu90 - cpu10) / max(t90 - t10, 1e-3), 2)
+            window = max(t90 - t10, 1e-3)
+            out[k], busy[k] = round((n90 - n10) / window, 1), round((cpu90 - cpu10) / window, 2)
         log(f"preprocess through the broker, {k} replica(s): {out[k]} items/s (middle 80 %), {busy[k]} cores busy")
     return {"preprocess_replicas_items_per_s": out, "preprocess_replicas_cores_busy": busy,
             "preprocess_scaling_1_to_2": round(out[2] / out[1], 2)}
