@@ -39,6 +39,7 @@ class Settings:
     model_dir: str = "models/myntra"
     providers: str = "auto"  # auto = TensorRT, CUDA, CPU — whichever are installed and work
     intra_op_threads: int = 1
+    cuda_options: tuple[str, ...] = ()  # KEY=VALUE options of ONNX Runtime's CUDA provider, passed through
     precision: str = "auto"  # auto = the model's int8 graph on CPU when it has one, fp32 otherwise; or fp32 / int8
     max_batch: int = 64
     max_delay_ms: float = 20.0  # inference: batch deadline; preprocess: poll window

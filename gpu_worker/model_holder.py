@@ -13,9 +13,10 @@ common.model.DirWatch sees both files change at once.
 from __future__ import annotations
 
 import logging
+import time
 
 from common import metrics
-from common.model import Classifier, DirWatch, ModelError
+from common.model import Classifier, DirWatch, ModelError, batch_buckets
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,12 @@ class ModelHolder:
 
     def _load(self) -> Classifier:
         clf = Classifier(self.settings.model_dir, self.settings.providers, self.settings.intra_op_threads,
-                         precision=self.settings.precision)
+                         precision=self.settings.precision, cuda_options=self.settings.cuda_options,
+                         batch_buckets=batch_buckets(self.settings.max_batch))
+        started = time.monotonic()
         clf.warm_up()
+        if clf.buckets:
+            log.info("prepared batch sizes %s on %s in %.1f s", list(clf.buckets), clf.provider, time.monotonic() - started)
         return clf
 
     def _publish(self, clf: Classifier) -> None:

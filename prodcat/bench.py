@@ -277,6 +277,23 @@ def _measure_run(stack, events, rate=None, timeout_s=600.0) -> dict:
             "items_per_s": items_per_s(results, start), **_percentiles(latencies)}, latencies
 
 
+INFERENCE_STAGES = ("infer", "flush", "sink", "commit")
+
+
+def inference_stage_sums(worker) -> dict:
+    """The inference worker's running totals: seconds per stage, batches, items (its Prometheus histograms)."""
+    sums = {stage: worker.metric("prodcat_stage_seconds_sum", stage=stage) for stage in INFERENCE_STAGES}
+    return {**sums, "batches": worker.metric("prodcat_batch_size_count"), "items": worker.metric("prodcat_batch_size_sum")}
+
+
+def per_batch(before: dict, after: dict) -> dict:
+    """Mean ms per batch in each stage and the mean batch size between two `inference_stage_sums` readings —
+    where the inference worker's time goes (on a GPU machine its loop, not the GPU, can be the ceiling)."""
+    batches = max(1.0, after["batches"] - before["batches"])
+    return {"mean_batch": round((after["items"] - before["items"]) / batches, 1),
+            **{f"{stage}_ms": round(1000 * (after[stage] - before[stage]) / batches, 2) for stage in INFERENCE_STAGES}}
+
+
 def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str,
               precision: str, repeats: int = 3) -> dict:
     """Full load `repeats` times in one stack (the median run counts: single runs here swing ±8 %), then paced."""
@@ -295,6 +312,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
         for w in workers:
             pids.setdefault(f"{w.kind} workers", []).append(w.proc.pid)
         runs, full_lat, cpu = [], [], dict.fromkeys(pids, 0.0)
+        stages0 = inference_stage_sums(workers[-1])
         for r in range(repeats):
             cpu0 = {k: cpu_seconds(*v) for k, v in pids.items()}
             run, lat = _measure_run(stack, events_for(inputs, n, f"full{r}-"))
@@ -305,10 +323,11 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
             log(f"end to end, full load, run {r + 1}/{repeats}: {run}")
             time.sleep(2)  # let the broker and workers settle after the burst
         rates = [x["items_per_s"] for x in runs]
+        stages = per_batch(stages0, inference_stage_sums(workers[-1]))
         cost = {key: round(1000 * v / (n * repeats), 3) for key, v in cpu.items()}
         full = {"items": n * repeats, "results": sum(x["results"] for x in runs), "lost": sum(x["lost"] for x in runs),
                 "items_per_s": float(np.median(rates)), "items_per_s_runs": rates, **_percentiles(full_lat),
-                "core_ms_per_item": {**cost, "total": round(sum(cost.values()), 3)}}
+                "core_ms_per_item": {**cost, "total": round(sum(cost.values()), 3)}, "inference_per_batch": stages}
         rate = full["items_per_s"] * 0.5
         half, half_lat = _measure_run(stack, events_for(inputs, max(200, int(rate * 20)), "half"), rate=rate)
         log(f"end to end, paced at {rate:.0f}/s: {half}")
@@ -490,6 +509,7 @@ SUMMARY_KEYS = ("preprocess_items_per_s_per_core", "inference_items_per_s_best",
 
 def markdown(fig: dict) -> str:
     cost = (fig.get("e2e_full") or {}).get("core_ms_per_item", {})  # CPU each process spent, per item
+    stages = (fig.get("e2e_full") or {}).get("inference_per_batch", {})  # mean batch, ms per batch in each stage
     machine = fig.get("machine", {})
     cpu = f"{machine['cpu_count']} × {machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})" if machine.get("cpu_model") else None
     rows = [("machine: cores × CPU (SIMD)", cpu, ""),
@@ -519,6 +539,7 @@ def markdown(fig: dict) -> str:
             ("naive: core-ms per item / cores kept busy", f"{fig.get('naive_core_ms_per_item')} / {fig.get('naive_cores_busy')}", ""),
             ("pipeline efficiency (e2e ÷ bound)", fig.get("pipeline_efficiency"), ""),
             ("end to end, core-ms per item: " + " / ".join(cost), " / ".join(str(v) for v in cost.values()), "core-ms"),
+            ("end to end, inference worker per batch: " + " / ".join(stages), " / ".join(str(v) for v in stages.values()), "items, ms"),
             ("speed-up over naive", fig.get("speedup_vs_naive"), "×"),
             ("lost during the benchmark", fig.get("lost"), "items")]
     lines = ["| figure | value | unit |", "|---|---|---|"]

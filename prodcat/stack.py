@@ -199,7 +199,8 @@ class LocalStack:
         for f in dataclasses.fields(Settings):
             if f.name in ("image_policy", "kafka"):
                 continue
-            env[f"PRODCAT_{f.name.upper()}"] = str(getattr(s, f.name))
+            value = getattr(s, f.name)
+            env[f"PRODCAT_{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
         for f in dataclasses.fields(s.image_policy):
             value = getattr(s.image_policy, f.name)
             env[f"PRODCAT_IMAGE_{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)

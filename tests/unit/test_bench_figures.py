@@ -1,12 +1,13 @@
 """The benchmark's derived figures: the bound uses each stage's cheapest measured cost per item."""
-from prodcat.bench import cheapest_run, derive, markdown
+from prodcat.bench import cheapest_run, derive, markdown, per_batch
 
 
 def _fig(**over):
     fig = {"machine": {"cpu_count": 2}, "preprocess_items_per_s_per_core": 500.0, "broker_core_ms_per_record": 0.5,
            "inference_threads": 2, "inference_items_per_s_best": 800.0, "inference_items_per_s_per_core": 400.0,
            "e2e_full": {"items_per_s": 300.0, "lost": 0, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3,
-                        "core_ms_per_item": {"broker": 0.5, "preprocess workers": 2.0, "total": 2.5}},
+                        "core_ms_per_item": {"broker": 0.5, "preprocess workers": 2.0, "total": 2.5},
+                        "inference_per_batch": {"mean_batch": 31.5, "infer_ms": 80.0, "flush_ms": 1.2}},
            "e2e_half": {"items_per_s": 150.0, "lost": 1, "p50_ms": 10, "p95_ms": 20, "p99_ms": 30},
            "naive_items_per_s": 100.0}
     fig.update(over)
@@ -30,7 +31,15 @@ def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
     assert "| broker + client CPU per tensor record, each run | [0.7, 0.5, 0.6] | core-ms |" in md
     assert "| inference per core, each run | [380.0, 400.0] | items/s |" in md
     assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
+    assert "| end to end, inference worker per batch: mean_batch / infer_ms / flush_ms | 31.5 / 80.0 / 1.2 | items, ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
+
+
+def test_per_batch_divides_the_stage_totals_by_the_batches_between_two_readings():
+    before = {"infer": 1.0, "flush": 0.1, "sink": 0.2, "commit": 0.0, "batches": 10.0, "items": 300.0}
+    after = {"infer": 3.0, "flush": 0.2, "sink": 0.6, "commit": 0.1, "batches": 30.0, "items": 2300.0}
+    assert per_batch(before, after) == {"mean_batch": 100.0, "infer_ms": 100.0, "flush_ms": 5.0, "sink_ms": 20.0, "commit_ms": 5.0}
+    assert per_batch(after, after)["mean_batch"] == 0.0  # no batch between the readings: no division by zero
 
 
 def test_cheapest_run_measures_every_repeat_and_keeps_the_least_cost():

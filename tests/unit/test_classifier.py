@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from common.model import Classifier, ModelError
+from common.model import Classifier, ModelError, batch_buckets, provider_options
 from tests.support.tiny_model import build_tiny_model, expected_category
 
 
@@ -56,3 +56,26 @@ def test_session_options_replace_the_serving_ones(model_dir):
     clf = Classifier(model_dir, "cpu", 0, session_options=defaults)
     assert clf.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
+
+
+def test_gpu_batches_are_padded_to_buckets_and_trimmed_back(model_dir):
+    """Bucket padding (GPU sessions only) changes no item's answer and returns one row per item."""
+    assert Classifier(model_dir, "cpu", 0, batch_buckets=(4, 8)).buckets == ()  # CPU: no shape cost, no padding
+    plain, padded = Classifier(model_dir, "cpu", 0), Classifier(model_dir, "cpu", 0)
+    padded.buckets = (1, 4, 8)  # as a CUDA session would keep them
+    assert [padded.padded_size(n) for n in (1, 2, 4, 5, 8, 9)] == [1, 4, 4, 8, 8, 9]
+    assert padded._chunks([np.zeros(0, np.int32)] * 5, [None] * 5)[0]["image"].shape[0] == 8
+    _, ids, images = _batch(plain, 1)  # 5 items → one 8-row run
+    expected = plain.run(ids, images)
+    assert padded.run(ids, images).shape == (5, 3) and np.allclose(padded.run(ids, images), expected, atol=1e-6)
+    assert np.allclose(padded.submit(ids[:3], images[:3]).result(), expected[:3], atol=1e-6)
+    padded.warm_up()  # one run per bucket, each answered
+
+
+def test_batch_buckets_and_cuda_options():
+    assert batch_buckets(128) == (1, 2, 4, 8, 16, 32, 64, 128) and batch_buckets(100)[-2:] == (64, 100)
+    assert batch_buckets(1) == (1,)
+    assert provider_options(("cudnn_conv_algo_search=HEURISTIC", " arena_extend_strategy = kSameAsRequested ")) == {
+        "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+    with pytest.raises(ModelError, match="expected KEY=VALUE"):
+        provider_options(("HEURISTIC",))
