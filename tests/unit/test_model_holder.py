@@ -1,0 +1,25 @@
+"""gpu_worker.model_holder.ModelHolder: a new version loads in the background while the old one serves."""
+import time
+
+from common import settings as settings_mod
+from gpu_worker.model_holder import ModelHolder
+from tests.support.tiny_model import build_tiny_model
+
+
+def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tmp_path):
+    model_dir = build_tiny_model(str(tmp_path / "model"), version="tiny-1")
+    holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0), "inference")
+    assert holder.current.version == "tiny-1"
+
+    build_tiny_model(model_dir, version="tiny-2", scale=2.0)
+    assert holder.maybe_reload() is False  # the load has only started: the loop goes on with tiny-1
+    assert holder.current.version == "tiny-1"
+    deadline = time.monotonic() + 30
+    while not holder.maybe_reload():
+        assert time.monotonic() < deadline, "the new version never swapped in"
+        time.sleep(0.01)
+    assert holder.current.version == "tiny-2"
+
+    build_tiny_model(model_dir, version="tiny-3", scale=3.0)
+    assert holder.maybe_reload(force=True) is True and holder.current.version == "tiny-3"  # forced: waits
+    assert holder.maybe_reload(force=True) is False  # nothing changed since
