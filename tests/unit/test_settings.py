@@ -34,3 +34,14 @@ def test_settings_are_frozen():
 def test_bad_kafka_opt_is_a_clear_error():
     with pytest.raises(SystemExit):
         settings.load(_parse(["--kafka-opt", "nonsense"]), env={})
+
+
+def test_cuda_options_from_env_or_flag_reach_a_worker_process_intact(tmp_path):
+    from prodcat.stack import LocalStack
+
+    assert settings.load(env={"PRODCAT_CUDA_OPTIONS": "cudnn_conv_algo_search=HEURISTIC"}).cuda_options == (
+        "cudnn_conv_algo_search=HEURISTIC",)
+    s = settings.load(_parse(["--cuda-options", "a=1, b=2"]), env={})
+    assert s.cuda_options == ("a=1", "b=2")
+    env = LocalStack(workdir=str(tmp_path)).worker_env("models/x", 9999, cuda_options=s.cuda_options)  # what a worker process reads
+    assert env["PRODCAT_CUDA_OPTIONS"] == "a=1,b=2" and settings.load(env=env).cuda_options == ("a=1", "b=2")
