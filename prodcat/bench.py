@@ -335,7 +335,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
             "latencies_ms": {"full load": full_lat, "50 % load": half_lat}}
 
 
-def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1) -> dict:
+def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1, providers: str = "auto") -> dict:
     """The service without the Kafka split, as a first version would be written: one process, one event at a
     time — consume, full-resolution decode, batch-1 inference (ONNX Runtime's own default options: a thread per
     core that spins between ops, not the workers' tuning), Redis write. `repeats` runs of n events in one stack;
@@ -347,7 +347,8 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1
     from prodcat.stack import LocalStack, publish
 
     # ORT's defaults spin between ops: +7 % over the workers' no-spin pool alone on the machine (4 interleaved pairs)
-    clf = Classifier(model_dir, "CPU", intra_op_threads=0, precision=precision, session_options=ort.SessionOptions())
+    # the pipeline's providers: on a GPU machine a first version would run its batch-1 inference there too
+    clf = Classifier(model_dir, providers, intra_op_threads=0, precision=precision, session_options=ort.SessionOptions())
     runs = []
     with LocalStack() as stack:
         stack.create_topics({"topic_raw": 1})
@@ -364,7 +365,7 @@ def bench_naive(model_dir: str, inputs, n: int, precision: str, repeats: int = 1
     rates = [x["naive_items_per_s"] for x in runs]
     median = float(np.median(rates))  # as end to end's: with an even count, the mean of the middle two
     nearest = min(runs, key=lambda x: abs(x["naive_items_per_s"] - median))  # its CPU figures go with it
-    return {**nearest, "naive_items_per_s": round(median, 1), "naive_items_per_s_runs": rates}
+    return {**nearest, "naive_items_per_s": round(median, 1), "naive_items_per_s_runs": rates, "naive_provider": clf.provider}
 
 
 def _naive_run(clf: Classifier, consumer, r, n: int, procs: list[int]) -> dict:
@@ -534,7 +535,7 @@ def markdown(fig: dict) -> str:
             ("end to end, full load, each run", (fig.get("e2e_full") or {}).get("items_per_s_runs"), "items/s"),
             ("end to end latency at full load p50 / p95 / p99", _lat(fig.get("e2e_full")), "ms"),
             ("end to end latency at 50 % load p50 / p95 / p99", _lat(fig.get("e2e_half")), "ms"),
-            ("naive single process (median of the runs)", fig.get("naive_items_per_s"), "items/s"),
+            (f"naive single process (median of the runs, {fig.get('naive_provider', 'CPU')})", fig.get("naive_items_per_s"), "items/s"),
             ("naive single process, each run", fig.get("naive_items_per_s_runs"), "items/s"),
             ("naive: core-ms per item / cores kept busy", f"{fig.get('naive_core_ms_per_item')} / {fig.get('naive_cores_busy')}", ""),
             ("pipeline efficiency (e2e ÷ bound)", fig.get("pipeline_efficiency"), ""),
@@ -598,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
         fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
                              args.max_delay_ms, args.providers, args.precision, args.repeats))
     if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
-        fig.update(bench_naive(args.model, inputs, args.items, args.precision, args.repeats))  # as many as end to end: short runs were noisy
+        fig.update(bench_naive(args.model, inputs, args.items, args.precision, args.repeats, args.providers))  # as many as end to end: short runs were noisy
     fig.update(derive(fig))
     fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
     latencies = fig.pop("latencies_ms", None)
