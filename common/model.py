@@ -279,6 +279,10 @@ class Classifier:
         """The same batch started on the lanes (a GPU session: its one lane), so the caller can checkpoint the
         batch before meanwhile; its runs queue behind those of batches submitted earlier. Never raises: a
         batch that cannot run fails in `result()`, where the caller isolates its items."""
+        if not self.chunked:  # one run (a GPU session): the lane also copies the images into the batch array,
+            # off the caller's thread, which meanwhile checkpoints the batch before
+            run = _lane_pool(self.lanes).submit(lambda: self._timed_run(self._chunks(token_ids, images)[0]))
+            return PendingRun([run], len(token_ids))
         try:
             return self._on_lanes(self._chunks(token_ids, images), len(token_ids))
         except Exception as e:  # noqa: BLE001 — e.g. an image of the wrong shape

@@ -70,6 +70,9 @@ def test_gpu_batches_are_padded_to_buckets_and_trimmed_back(model_dir):
     assert padded.run(ids, images).shape == (5, 3) and np.allclose(padded.run(ids, images), expected, atol=1e-6)
     assert np.allclose(padded.submit(ids[:3], images[:3]).result(), expected[:3], atol=1e-6)
     padded.warm_up()  # one run per bucket, each answered
+    broken = padded.submit(ids[:2], [np.zeros((10, 10, 3), np.uint8), None])  # assembled on the lane: fails there
+    with pytest.raises(ValueError):
+        broken.result()
 
 
 def test_batch_buckets_and_cuda_options():
