@@ -284,7 +284,7 @@ class Classifier:
             run = _lane_pool(self.lanes).submit(lambda: self._timed_run(self._chunks(token_ids, images)[0]))
             return PendingRun([run], len(token_ids))
         try:
-            return self._on_lanes(self._chunks(token_ids, images), len(token_ids))
+            return self._on_lanes(self._chunks(token_ids, images))
         except Exception as e:  # noqa: BLE001 — e.g. an image of the wrong shape
             failed: Future = Future()
             failed.set_exception(e)
@@ -310,10 +310,10 @@ class Classifier:
             image[i] = 0 if img is None else img
         return [{"token_ids": tokens, "image": image, "image_present": present}]
 
-    def _on_lanes(self, chunks: list[dict], items: int | None = None) -> "PendingRun":
+    def _on_lanes(self, chunks: list[dict]) -> "PendingRun":
         # the lanes take chunks as they free up; ORT releases the GIL while it runs
         pool = _lane_pool(self.lanes)
-        return PendingRun([pool.submit(self._timed_run, c) for c in chunks], items)
+        return PendingRun([pool.submit(self._timed_run, c) for c in chunks])  # CPU lanes: never bucket-padded
 
     def _timed_run(self, feeds: dict) -> tuple[np.ndarray, float, float]:
         t0 = time.perf_counter()
