@@ -196,14 +196,11 @@ class LocalStack:
     def worker_env(self, model_dir: str, metrics_port: int, **overrides) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRODCAT_")}
         s = dataclasses.replace(self.settings, model_dir=model_dir, metrics_port=metrics_port, **overrides)
-        for f in dataclasses.fields(Settings):
-            if f.name in ("image_policy", "kafka"):
-                continue
-            value = getattr(s, f.name)
-            env[f"PRODCAT_{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
-        for f in dataclasses.fields(s.image_policy):
-            value = getattr(s.image_policy, f.name)
-            env[f"PRODCAT_IMAGE_{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
+        for prefix, group in (("PRODCAT_", s), ("PRODCAT_IMAGE_", s.image_policy)):
+            for f in dataclasses.fields(group):
+                if f.name not in ("image_policy", "kafka"):  # written below / by the second group
+                    value = getattr(group, f.name)  # as settings.load reads it back: tuples comma-joined
+                    env[f"{prefix}{f.name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
         for k, v in s.kafka:
             env[f"PRODCAT_KAFKA__{k.upper().replace('.', '_')}"] = v
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH")]))
