@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import openvino_session
 from common.images import IMAGE_SHAPE
 from common.tokenize import Tokenizer, TokenizerConfig
 
@@ -29,9 +30,10 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # optional: the image tower's convolutions in int8, written only if validation held
 PRECISIONS = ("auto", "fp32", "int8")  # auto = int8 where it exists and the session runs on CPU, else fp32
-# On CPU a batch runs as one ORT run per item, spread over the lanes: a single-threaded run is cheapest per item
-# at one image (int8 graph, one lane: 480 / 467 / 460 images/s in runs of 1 / 2 / 4; 393 at 8, 343 at 16: larger
-# runs spill activations out of cache), so the worker's batch (one checkpoint) can be large.
+# On CPU a batch runs as several runs spread over the lanes: with ORT one item per run, its cheapest per item
+# (int8 graph, one lane: 480 / 467 / 460 images/s in runs of 1 / 2 / 4; 393 at 8, 343 at 16: larger runs spill
+# activations out of cache), with OpenVINO a few (openvino_session.RUN_ITEMS) — so the worker's batch (one
+# checkpoint) can be large.
 MANIFEST_FORMAT = "prodcat-model/1"
 
 
@@ -94,6 +96,9 @@ def _session_options(intra_op_threads: int):
     return opts
 
 
+CPU_PROVIDERS = ("CPUExecutionProvider", openvino_session.PROVIDER)  # int8 graphs, lanes, no shape buckets
+
+
 def cpu_session(path: str, threads: int):
     """A CPU session with the serving options: training's parity and int8 checks, feature extraction, speed probes."""
     import onnxruntime as ort
@@ -122,15 +127,16 @@ def _lane_pool(lanes: int) -> ThreadPoolExecutor:
 
 
 def choose_providers(preference: str) -> list[str]:
-    """`auto` → TensorRT, CUDA, CPU (those installed); otherwise a comma list, CPU always last."""
+    """`auto` → TensorRT, CUDA, OpenVINO, CPU (those installed); otherwise a comma list, CPU always last."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
+    available = ort.get_available_providers() + ([openvino_session.PROVIDER] if openvino_session.available() else [])
     if preference == "auto":
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        wanted = [p if p.endswith("ExecutionProvider") else f"{p}ExecutionProvider" for p in preference.split(",")]
-        wanted.append("CPUExecutionProvider")
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", openvino_session.PROVIDER, "CPUExecutionProvider"]
+    else:  # any case, with or without the suffix: "cuda", "OpenVINO", "CPUExecutionProvider"
+        wanted = [p.strip().lower().removesuffix("executionprovider") for p in preference.split(",")] + ["cpu"]
+        by_name = {p.lower().removesuffix("executionprovider"): p for p in available}
+        wanted = [by_name[p] for p in wanted if p in by_name]
     return list(dict.fromkeys(p for p in wanted if p in available))
 
 
@@ -161,13 +167,13 @@ class Prediction:
 
 
 class PendingRun:
-    """One batch's ORT runs, submitted to the lane pool. `result()`: probs in input order (re-raises a run's
+    """One batch's runs, submitted to the lane pool. `result()`: probs in input order (re-raises a run's
     error); `seconds`: first run's start to last run's end — the batch's own inference time, not its wait
     behind the batch before."""
 
     def __init__(self, runs: list[Future], items: int | None = None):
         self._runs = runs
-        self._items = items  # rows beyond it are bucket padding
+        self._items = items  # rows beyond it are bucket padding (GPU sessions)
 
     def done(self) -> bool:
         return all(r.done() for r in self._runs)
@@ -182,16 +188,19 @@ class PendingRun:
 
 
 class Classifier:
-    """One ONNX Runtime session over a model directory.
+    """One session over a model directory: ONNX Runtime's, or OpenVINO's behind the same interface (on CPU,
+    where installed: `auto` prefers it there; a graph it cannot run falls back to ORT's CPU provider).
 
     precision: the int8 graph is ~2× faster on CPU (its accuracy was checked on validation when it was
     written); on CUDA/TensorRT fp32 (or fp16) graphs are the fast ones, so `auto` takes int8 only when the
     session really runs on CPU.
 
     intra_op_threads: ORT's intra-op pool on a GPU session; on CPU that many lanes: concurrent single-threaded
-    runs, one per item of each batch (0 = ORT's default pool, one run per batch).
+    runs over chunks of each batch — one item each with ORT, up to RUN_ITEMS with OpenVINO (0 = the runtime's
+    own pool, one run per batch).
 
     session_options: ORT options instead of the serving ones (the bench's naive process: ORT's own defaults).
+    An OpenVINO session takes its own defaults when intra_op_threads is 0 instead.
 
     cuda_options: "KEY=VALUE" options of the CUDA provider, passed through (ONNX Runtime's defaults otherwise).
 
@@ -215,33 +224,44 @@ class Classifier:
             raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
         self._cuda_options = provider_options(cuda_options)
         wanted = choose_providers(providers)
-        on_cpu = wanted[0] == "CPUExecutionProvider"
-        self._start(precision, intra_op_threads, wanted, on_cpu)
-        if not on_cpu and self.session.get_providers()[0] == "CPUExecutionProvider":
-            self._start(precision, intra_op_threads, ["CPUExecutionProvider"], on_cpu=True)  # the GPU provider did not load
+        try:
+            self._start(precision, intra_op_threads, wanted)
+        except ModelError as e:
+            if wanted[0] != openvino_session.PROVIDER:
+                raise
+            log.warning("OpenVINO cannot run %s (%s); ONNX Runtime's CPU provider serves it", model_dir, e)
+            self._start(precision, intra_op_threads, wanted[1:])
+        if wanted[0] not in CPU_PROVIDERS and self.session.get_providers()[0] == "CPUExecutionProvider":
+            self._start(precision, intra_op_threads, ["CPUExecutionProvider"])  # the GPU provider did not load
         self.providers = self.session.get_providers()
-        self.buckets = () if self.providers[0] == "CPUExecutionProvider" else tuple(sorted(set(batch_buckets)))
+        self.buckets = () if self.providers[0] in CPU_PROVIDERS else tuple(sorted(set(batch_buckets)))
         self._check_contract()
 
-    def _start(self, precision: str, intra_op_threads: int, providers: list[str], on_cpu: bool) -> None:
-        """Open the one session: on CPU the int8 graph (`auto`) and one ORT thread per lane, elsewhere ORT's pool.
-        On CPU, N single-threaded runs side by side beat one run on ORT's N-thread pool (+29 % at
+    def _start(self, precision: str, intra_op_threads: int, providers: list[str]) -> None:
+        """Open the one session: on CPU the int8 graph (`auto`) and one single-threaded stream per lane, elsewhere
+        ORT's pool. On CPU, N single-threaded runs side by side beat one run on an N-thread pool (ORT: +29 % at
         batch 8 here): the small convnet's layers leave the pool's threads waiting on each other."""
+        on_cpu = providers[0] in CPU_PROVIDERS
         auto_int8 = on_cpu and precision == "auto" and self.manifest.int8_file is not None
         self.precision = "int8" if precision == "int8" or auto_int8 else "fp32"
         self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over chunks of one batch
-        self.chunked = on_cpu and intra_op_threads > 0  # 0 = ORT's default pool, one run per batch
+        # items per run: 0 = the whole batch in one run (a GPU session, or the runtime's own pool); on CPU lanes
+        # ORT's kernels are cheapest one image at a time, OpenVINO's want a few
+        self.run_items = 0 if not on_cpu or intra_op_threads == 0 else (
+            openvino_session.RUN_ITEMS if providers[0] == openvino_session.PROVIDER else 1)
         threads = 1 if self.lanes > 1 else intra_op_threads
-        self.session = self._open(self.precision, self._options_override or _session_options(threads), providers)
-
-    def _open(self, precision: str, opts, providers: list[str]):
         import onnxruntime as ort
 
-        filename = self.manifest.int8_file if precision == "int8" else ONNX_FILE
+        filename = self.manifest.int8_file if self.precision == "int8" else ONNX_FILE
+        path = os.path.join(self.model_dir, filename)
         try:
-            return ort.InferenceSession(os.path.join(self.model_dir, filename), sess_options=opts,
-                                        providers=[(p, self._cuda_options) if p == "CUDAExecutionProvider" else p for p in providers])
-        except Exception as e:  # ORT raises its own exception types for bad files
+            if providers[0] == openvino_session.PROVIDER:
+                self.session = openvino_session.OpenVINOSession(path, self.lanes if self.run_items else 0)
+            else:
+                self.session = ort.InferenceSession(
+                    path, sess_options=self._options_override or _session_options(threads),
+                    providers=[(p, self._cuda_options) if p == "CUDAExecutionProvider" else p for p in providers])
+        except Exception as e:  # both runtimes raise their own exception types for bad files
             raise ModelError(f"cannot load {self.model_dir}/{filename}: {e}") from None
 
     @property
@@ -269,23 +289,19 @@ class Classifier:
             self.run([np.zeros(0, np.int32)] * size, [None] * size)
 
     def run(self, token_ids: list[np.ndarray], images: list) -> np.ndarray:
-        """Batch of (token ids, uint8 image or None) → probs [B, n_labels]; one ORT run stays in the calling thread."""
+        """Batch of (token ids, uint8 image or None) → probs [B, n_labels]; a single run stays in the calling thread."""
         chunks = self._chunks(token_ids, images)
         if len(chunks) > 1:
-            return self._on_lanes(chunks).result()
+            return self._on_lanes(chunks, len(token_ids)).result()
         return self._timed_run(chunks[0])[0][: len(token_ids)]  # bucket padding rows dropped
 
     def submit(self, token_ids: list[np.ndarray], images: list) -> "PendingRun":
         """The same batch started on the lanes (a GPU session: its one lane), so the caller can checkpoint the
         batch before meanwhile; its runs queue behind those of batches submitted earlier. Never raises: a
         batch that cannot run fails in `result()`, where the caller isolates its items."""
-        if not self.chunked:  # one run (a GPU session): the lane also copies the images into the batch array,
-            # off the caller's thread, which meanwhile checkpoints the batch before
-            run = _lane_pool(self.lanes).submit(lambda: self._timed_run(self._chunks(token_ids, images)[0]))
-            return PendingRun([run], len(token_ids))
         try:
-            return self._on_lanes(self._chunks(token_ids, images))
-        except Exception as e:  # noqa: BLE001 — e.g. an image of the wrong shape
+            return self._on_lanes(self._chunks(token_ids, images), len(token_ids))
+        except Exception as e:  # noqa: BLE001 — e.g. token ids the tokenizer cannot pad
             failed: Future = Future()
             failed.set_exception(e)
             return PendingRun([failed])
@@ -294,28 +310,36 @@ class Classifier:
         """The bucket a batch of this size runs as (itself when larger than every bucket, or on CPU)."""
         return next((b for b in self.buckets if b >= batch), batch)
 
-    def _chunks(self, token_ids: list[np.ndarray], images: list) -> list[dict]:
+    def _chunks(self, token_ids: list[np.ndarray], images: list) -> list[tuple]:
+        """The batch cut into runs: (token ids, images, image_present) per run. Only slices here: each run's
+        input arrays are built on its lane (`_feeds`), off the caller's thread, which meanwhile checkpoints the
+        batch before."""
         extra = self.padded_size(len(token_ids)) - len(token_ids)
         if extra:  # padding rows: no tokens, no photo; their outputs are dropped
             token_ids, images = [*token_ids, *[np.zeros(0, np.int32)] * extra], [*images, *[None] * extra]
         batch = len(token_ids)
         tokens = self.tokenizer.pad(token_ids)
         present = np.array([img is not None for img in images], dtype=np.float32)
-        if self.chunked and batch > 1:
-            # one run per item: each feeds its record's own image (a view of the Kafka payload), no batch copy
-            return [{"token_ids": tokens[i : i + 1], "image": _one_image(img), "image_present": present[i : i + 1]}
-                    for i, img in enumerate(images)]
-        image = np.empty((batch, *IMAGE_SHAPE), dtype=np.uint8)  # every row is written below: no zero fill first
-        for i, img in enumerate(images):
-            image[i] = 0 if img is None else img
-        return [{"token_ids": tokens, "image": image, "image_present": present}]
+        size = batch if not self.run_items else min(self.run_items, -(-batch // self.lanes))
+        return [(tokens[a : a + size], images[a : a + size], present[a : a + size]) for a in range(0, batch, size)]
 
-    def _on_lanes(self, chunks: list[dict]) -> "PendingRun":
-        # the lanes take chunks as they free up; ORT releases the GIL while it runs
+    def _on_lanes(self, chunks: list[tuple], items: int) -> "PendingRun":
+        # the lanes take chunks as they free up; both runtimes release the GIL while they run
         pool = _lane_pool(self.lanes)
-        return PendingRun([pool.submit(self._timed_run, c) for c in chunks])  # CPU lanes: never bucket-padded
+        return PendingRun([pool.submit(self._timed_run, c) for c in chunks], items)
 
-    def _timed_run(self, feeds: dict) -> tuple[np.ndarray, float, float]:
+    @staticmethod
+    def _feeds(tokens: np.ndarray, images: list, present: np.ndarray) -> dict:
+        if len(images) == 1:  # one item: a view of its record's own image (the Kafka payload), no copy
+            image = _one_image(images[0])
+        else:
+            image = np.empty((len(images), *IMAGE_SHAPE), dtype=np.uint8)  # every row is written below: no zero fill
+            for i, img in enumerate(images):
+                image[i] = 0 if img is None else _one_image(img)[0]
+        return {"token_ids": tokens, "image": image, "image_present": present}
+
+    def _timed_run(self, chunk: tuple) -> tuple[np.ndarray, float, float]:
+        feeds = self._feeds(*chunk)
         t0 = time.perf_counter()
         probs = self.session.run(["probs"], feeds)[0]
         return probs, t0, time.perf_counter()

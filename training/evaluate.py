@@ -66,7 +66,7 @@ def run_classifier(clf, token_ids, images, batch: int = 64) -> np.ndarray:
 
 
 def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test", report_dir=None, baselines=True,
-             threads=2, precision="auto") -> dict:
+             threads=2, precision="auto", providers="auto") -> dict:
     import torch
 
     from common.model import Classifier
@@ -75,7 +75,7 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    clf = Classifier(model_dir, providers="cpu", intra_op_threads=threads, precision=precision)
+    clf = Classifier(model_dir, providers=providers, intra_op_threads=threads, precision=precision)
     man = clf.manifest
     ds = load_source(dataset or (None if csv_path else man.raw.get("dataset")), data_dir, csv_path)
     items = ds.split(split)
@@ -132,9 +132,14 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
     metrics["reliability"] = ece(main, y)[1]
     metrics["per_class"] = per_class(items, pred_labels)
 
-    metrics["precision"] = clf.precision
+    metrics["precision"], metrics["provider"] = clf.precision, clf.provider
+    if clf.provider != "CPU":  # another runtime (OpenVINO) or device: does it answer like ORT's CPU provider?
+        ref = run_classifier(Classifier(model_dir, "cpu", threads, precision=clf.precision), ids, images)
+        metrics["onnxruntime_cpu"] = {"name_and_photo": scores(y, ref.argmax(1)),
+                                      "top1_agreement": float((ref.argmax(1) == main.argmax(1)).mean()),
+                                      "max_abs_prob_diff": float(np.abs(ref - main).max())}
     if clf.precision == "int8":  # what the quantization costs: the same rows through the fp32 graph
-        fp32 = Classifier(model_dir, providers="cpu", intra_op_threads=threads, precision="fp32")
+        fp32 = Classifier(model_dir, providers=providers, intra_op_threads=threads, precision="fp32")
         metrics["fp32"] = {"name_and_photo": scores(y, run_classifier(fp32, ids, images).argmax(1))}
         if has:
             metrics["fp32"]["photo:photo_only"] = scores(y[has], run_classifier(fp32, sub(empty, has), sub(images, has)).argmax(1))
@@ -240,7 +245,8 @@ def summary_markdown(m: dict) -> str:
     lines = [
         f"# Evaluation: {m['dataset']} / {m['split']} split",
         "",
-        f"Model `{m['model_version']}`, run through ONNX Runtime exactly as served on CPU ({m.get('precision', 'fp32')} graph). {m['n']} items, "
+        f"Model `{m['model_version']}`, run exactly as served on CPU ({m.get('precision', 'fp32')} graph, "
+        f"{_runtime(m.get('provider', 'CPU'))}). {m['n']} items, "
         f"{m['n_with_photo']} with a photo. Rows marked *photo items* use only the items that have a photo.",
         "",
         "| condition | n | accuracy | macro-F1 | ECE | flagged uncertain | error of the rest |",
@@ -259,6 +265,10 @@ def summary_markdown(m: dict) -> str:
                   "|---|---|---|---|---|"]
         for b, subsets in m["baselines"].items():
             lines += [f"| {b} | {k} | {s['n']} | {_f(s['acc'])} | {_f(s['macro_f1'])} |" for k, s in subsets.items()]
+    if "onnxruntime_cpu" in m:
+        ref = m["onnxruntime_cpu"]
+        lines += ["", f"The same graph through ONNX Runtime's CPU provider: accuracy {_f(ref['name_and_photo']['acc'])}, "
+                      f"top-1 agreement {ref['top1_agreement']:.4f}, largest probability difference {ref['max_abs_prob_diff']:.4f}."]
     if "fp32" in m:
         lines += ["", "## int8 graph (served on CPU) against the fp32 graph", "", "| condition | int8 accuracy | fp32 accuracy |",
                   "|---|---|---|"]
@@ -308,6 +318,10 @@ def comparison_lines(m: dict) -> list[str]:
 # ---------------------------------------------------------------- CLI
 
 
+def _runtime(provider: str) -> str:
+    return "ONNX Runtime" if provider == "CPU" else f"{provider} ({'OpenVINO runtime' if provider == 'OpenVINO' else 'ONNX Runtime provider'})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory")
     src = parser.add_mutually_exclusive_group()
@@ -318,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="folder for summary.md, metrics.json and plots")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="graph to score (auto = as served on CPU)")
+    parser.add_argument("--providers", default="auto", help="runtime to score it on (auto = as served: OpenVINO on CPU "
+                        "where installed, else ONNX Runtime); other than ORT's CPU, agreement with it is reported too")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -326,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         m = evaluate(args.model, args.dataset, args.data_dir, args.csv_path, args.split, args.report,
-                     baselines=not args.no_baselines, precision=args.precision)
+                     baselines=not args.no_baselines, precision=args.precision, providers=args.providers)
     except (DataError, ModelError) as e:
         print(f"prodcat evaluate: {e}", file=sys.stderr)
         return 2

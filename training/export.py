@@ -23,7 +23,7 @@ from training.model import ServingGraph
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
-OPSET = 17
+OPSET = 18  # BitwiseAnd (the word-pair hash, training.model.pair_mask)
 
 
 class ExportError(Exception):

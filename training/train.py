@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from common.tokenize import Tokenizer, TokenizerConfig
 from training.data import DATASETS, DataError, Dataset, leaf_words_removed, load_dataset, load_table, singular
 from training.features import pooled_features, trunk_activations, tokenized
-from training.model import GATE_FLOOR, IMAGE_FEATURES, PAIR_PRIME, FusedNet
+from training.model import GATE_FLOOR, IMAGE_FEATURES, PAIR_PRIME, FusedNet, pair_mask
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def feature_ids(ids: np.ndarray, n_ids: int, pair_space: int) -> np.ndarray:
     """numpy twin of model.pair_ids: [N, L] → [N, 2L-1] word + hashed word-pair feature ids."""
     ids = ids.astype(np.int64)
     a, b = ids[:, :-1], ids[:, 1:]
-    pair = n_ids + (a * PAIR_PRIME + b) % pair_space
+    pair = n_ids + ((a * PAIR_PRIME + b) & pair_mask(pair_space))
     return np.concatenate([ids, np.where((a > 0) & (b > 0), pair, 0)], axis=1)
 
 

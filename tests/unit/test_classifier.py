@@ -1,7 +1,9 @@
-"""common.model.Classifier on CPU: lanes running a batch in chunks, precision choice, clear errors."""
+"""common.model.Classifier on CPU: lanes running a batch in chunks, precision choice, clear errors; the
+OpenVINO backend answering like ONNX Runtime."""
 import numpy as np
 import pytest
 
+from common import openvino_session
 from common.model import Classifier, ModelError, batch_buckets, provider_options
 from tests.support.tiny_model import build_tiny_model, expected_category
 
@@ -64,7 +66,7 @@ def test_gpu_batches_are_padded_to_buckets_and_trimmed_back(model_dir):
     plain, padded = Classifier(model_dir, "cpu", 0), Classifier(model_dir, "cpu", 0)
     padded.buckets = (1, 4, 8)  # as a CUDA session would keep them
     assert [padded.padded_size(n) for n in (1, 2, 4, 5, 8, 9)] == [1, 4, 4, 8, 8, 9]
-    assert padded._chunks([np.zeros(0, np.int32)] * 5, [None] * 5)[0]["image"].shape[0] == 8
+    assert len(padded._chunks([np.zeros(0, np.int32)] * 5, [None] * 5)[0][1]) == 8
     _, ids, images = _batch(plain, 1)  # 5 items → one 8-row run
     expected = plain.run(ids, images)
     assert padded.run(ids, images).shape == (5, 3) and np.allclose(padded.run(ids, images), expected, atol=1e-6)
@@ -82,3 +84,50 @@ def test_batch_buckets_and_cuda_options():
         "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
     with pytest.raises(ModelError, match="expected KEY=VALUE"):
         provider_options(("HEURISTIC",))
+
+
+def test_openvino_lanes_answer_like_onnx_runtime(model_dir):
+    ort_lanes, ov_lanes = Classifier(model_dir, "cpu", 2), Classifier(model_dir, "openvino", 2)
+    assert (ov_lanes.provider, ov_lanes.run_items, ort_lanes.run_items) == ("OpenVINO", openvino_session.RUN_ITEMS, 1)
+    assert Classifier(model_dir, "auto", 2).provider == "OpenVINO"  # installed: auto prefers it on CPU
+    names, ids, images = _batch(ov_lanes, 5)  # 25 items: runs of 8, 8, 8 and 1 over two lanes
+    assert len(ov_lanes._chunks(ids, images)) == 4
+    expected = ort_lanes.run(ids, images)
+    assert np.allclose(ov_lanes.run(ids, images), expected, atol=1e-4)
+    assert np.allclose(ov_lanes.submit(ids, images).result(), expected, atol=1e-4)  # the order kept across lanes
+    assert np.allclose(ov_lanes.run(ids[:1], images[:1]), expected[:1], atol=1e-4)  # one item: its image as is
+    own_pool = Classifier(model_dir, "openvino", 0)  # the naive process: OpenVINO's own defaults, one run
+    assert own_pool.run_items == 0 and np.allclose(own_pool.run(ids, images), expected, atol=1e-4)
+    broken = ov_lanes.submit(ids[:2], [np.zeros((10, 10, 3), np.uint8), None])  # built on the lane: fails there
+    with pytest.raises(ValueError):
+        broken.result()
+
+
+def test_a_graph_openvino_cannot_run_is_served_by_onnx_runtime(model_dir, monkeypatch):
+    def refuse(path, lanes):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(openvino_session, "OpenVINOSession", refuse)
+    clf = Classifier(model_dir, "openvino", 2)
+    assert clf.provider == "CPU" and clf.run_items == 1
+    assert clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
+
+
+def test_a_graph_with_an_integer_mod_is_left_to_onnx_runtime(model_dir, tmp_path):
+    """OpenVINO computes an integer Mod through float32 (graphs exported before the word-pair hash became a
+    BitwiseAnd): such a graph is served by ORT, whatever `auto` would prefer."""
+    import os
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    old = str(tmp_path / "old")
+    shutil.copytree(model_dir, old)
+    graph = onnx.load(os.path.join(old, "model.onnx"))
+    graph.graph.initializer.append(numpy_helper.from_array(np.array(1_000_003, np.int64), "big"))
+    graph.graph.node.insert(0, helper.make_node("Mod", ["token_ids", "big"], ["token_ids_mod"], fmod=0))
+    graph.graph.node[1].input[1] = "token_ids_mod"  # the Gather reads the (unchanged) ids through the Mod
+    onnx.save(graph, os.path.join(old, "model.onnx"))
+    clf = Classifier(old, "auto", 2)
+    assert clf.provider == "CPU" and clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)

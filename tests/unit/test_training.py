@@ -114,6 +114,13 @@ def test_tiny_training_exports_a_servable_model(trained):
     assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
     preds = clf.predictions(probs)
     assert len(preds) == len(items) and preds[0].category_path[-1] in PARENTS.values()
+    # OpenVINO serves the exported graph (its word-pair hash is a BitwiseAnd, not a Mod it would compute through
+    # float32) and answers as ORT does, pairs of the highest token ids included
+    ov, ort_cpu = Classifier(model_dir, "openvino", 2), Classifier(model_dir, "cpu", 2)
+    top = clf.tokenizer.config.n_ids - 1
+    ids += [np.array([top, top - 1, top, 2], np.int32)]
+    images += [None]
+    assert ov.provider == "OpenVINO" and np.allclose(ov.run(ids, images), ort_cpu.run(ids, images), atol=1e-4)
 
 
 def test_a_warm_feature_cache_trains_the_same_model(trained, tmp_path, monkeypatch):
