@@ -3,7 +3,7 @@
 
 Why a second runtime: on CPUs with AMX / AVX-512 VNNI, OpenVINO runs the int8 graph's convolutions on those
 units and ORT's CPU provider mostly does not — on the 2-vCPU Xeon (AMX) of the session that added it, runs of
-8 items on two single-threaded streams did 846 items/s against ORT's 550–576 in its best layout (one item per
+4 items on two single-threaded streams did 863–905 items/s against ORT's 550–576 in its best layout (one item per
 run on two lanes); on an AMD EPYC without AMX an earlier session measured OpenVINO 225 vs ORT 215 images/s per
 core. It goes by the name of ORT's own OpenVINO provider, which ships in `onnxruntime-openvino` — a separate
 build of the `onnxruntime` package that cannot sit beside the one prodcat pins.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 PROVIDER = "OpenVINOExecutionProvider"
 # items per run on a lane: one image per run is ORT's cheapest (its int8 kernels gain nothing from batching here),
 # but OpenVINO's AMX kernels want a few rows — 1 lane: 355 / 410 / 390 / 365 / 377 items/s at 1 / 4 / 8 / 16 / 32
-# items per run; 2 lanes: 660–676 at 1, 838–847 at 8, 805 at 16, 776–787 at 32
-RUN_ITEMS = 8
+# items per run; 2 lanes: 660–676 at 1, 755–766 at 2, 863–905 at 4, 830–847 at 8, 751–808 at 16, 776–787 at 32
+RUN_ITEMS = 4
 # OpenVINO's CPU plugin computes an integer Mod through float32: wrong beyond 2^24 (the word-pair hash of graphs
 # exported before opset 18 took a Mod of values up to ~10^10). Graphs with one are left to ORT. (Its integer Divide
 # too, but the graphs' Divides are shape arithmetic on small values, exact in float32.)
