@@ -37,7 +37,7 @@ class Settings:
     redis_key_prefix: str = "prodcat:product:"
     metrics_port: int = 9100  # /metrics, /healthz, /readyz; 0 = pick a free port
     model_dir: str = "models/myntra"
-    providers: str = "auto"  # auto = TensorRT, CUDA, OpenVINO, CPU — whichever are installed and work
+    providers: str = "auto"  # auto = TensorRT, CUDA, OpenVINO (int8 graphs), CPU — whichever are installed and work
     intra_op_threads: int = 1
     cuda_options: tuple[str, ...] = ()  # KEY=VALUE options of ONNX Runtime's CUDA provider, passed through
     precision: str = "auto"  # auto = the model's int8 graph on CPU when it has one, fp32 otherwise; or fp32 / int8

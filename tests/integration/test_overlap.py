@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from common import kafka, metrics, runtime, schemas
@@ -20,8 +21,9 @@ from tests.support.tiny_model import expected_category
 NAMES = ["Blue shirt", "Running shoes", "Steel watch"]
 
 
-def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model):
-    settings = dataclasses.replace(stack.settings, model_dir=tiny_model, providers="cpu", intra_op_threads=2,
+@pytest.mark.parametrize("providers", ["cpu", "openvino"])  # ORT's lanes (an item per run), OpenVINO's (a few)
+def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model, providers):
+    settings = dataclasses.replace(stack.settings, model_dir=tiny_model, providers=providers, intra_op_threads=2,
                                    max_batch=4, max_delay_ms=50.0)
     vocabulary = Classifier(tiny_model, "cpu").tokenizer
     producer = Producer(kafka.producer_config(settings, "test"))
@@ -60,6 +62,7 @@ def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model)
         stop._event.set()
         loop.join(30)
 
+    assert worker.model.current.provider == {"cpu": "CPU", "openvino": "OpenVINO"}[providers]
     results = read_results(stack.redis(), settings, ids)
     assert sorted(results) == sorted(ids)
     assert all(results[f"ov-{i}"]["category"] == expected_category(NAMES[i % 3]) for i in range(24))

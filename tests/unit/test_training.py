@@ -285,6 +285,8 @@ def test_int8_graph_is_kept_only_when_validation_holds_and_served_on_cpu(trained
     info = add_int8(model_dir, calib, lambda path: {"photo_only": 0.9})
     assert info["kept"] and info["file"] == INT8_FILE
     int8 = Classifier(model_dir, "cpu")  # auto: the int8 graph, because the session runs on CPU
+    # `auto` runs an int8 graph on OpenVINO (installed with the cpu extra), an fp32 one on ORT's CPU provider
+    assert Classifier(model_dir).provider == "OpenVINO" and Classifier(model_dir, precision="fp32").provider == "CPU"
     assert int8.precision == "int8" and Classifier(model_dir, "cpu", precision="fp32").precision == "fp32"
     p8, p32 = int8.run(ids, list(images)), fp32.run(ids, list(images))
     assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
