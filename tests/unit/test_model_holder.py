@@ -1,4 +1,5 @@
 """gpu_worker.model_holder.ModelHolder: a new version loads in the background while the old one serves."""
+import threading
 import time
 
 from common import settings as settings_mod
@@ -11,9 +12,13 @@ def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tm
     holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0), "inference")
     assert holder.current.version == "tiny-1"
 
+    gate = threading.Event()
+    holder._loader.submit(gate.wait)  # the loader busy, as under a slow (GPU) load: the tiny model loads in ~ms,
+    # and had finished before the first look on a fast machine
     build_tiny_model(model_dir, version="tiny-2", scale=2.0)
-    assert holder.maybe_reload() is False  # the load has only started: the loop goes on with tiny-1
+    assert holder.maybe_reload() is False  # the load has only been queued: the loop goes on with tiny-1
     assert holder.current.version == "tiny-1"
+    gate.set()
     deadline = time.monotonic() + 30
     while not holder.maybe_reload():
         assert time.monotonic() < deadline, "the new version never swapped in"
