@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.faults.harness import N, Scenario, start_pipeline, wait_for
 from tests.support.events import good_events
 from tests.support.tiny_model import VOCAB, build_tiny_model
@@ -17,21 +19,24 @@ def swap(link: str, target: str) -> None:
     os.replace(tmp, link)  # atomic: workers see either the old or the new directory, never half of each
 
 
-def _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name: str, prefix: str):
+def _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name: str, prefix: str, providers: str = "auto"):
     """The pipeline serving tiny-1 through a symlinked model dir, a third of the stream classified."""
     link = str(tmp_path / "model")
     swap(link, tiny_model)
-    pre, inf = start_pipeline(stack, link)
+    pre, inf = start_pipeline(stack, link, both={"providers": providers})
     scenario = Scenario(stack, name, good_events(N, sample_jpegs, prefix=prefix))
     scenario.publish([(k, v) for k, v, _ in scenario.good])
     scenario.wait_classified(N // 3)
     return link, pre, inf, scenario
 
 
-def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, report):
-    link, pre, inf, scenario = _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, "hot reload: new model + vocabulary", "hr-")
+@pytest.mark.parametrize("providers", ["auto", "openvino"])  # auto: ORT for the tiny fp32 graph; int8 graphs: OpenVINO
+def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, report, providers):
+    name = "hot reload: new model + vocabulary" + (f" ({providers})" if providers != "auto" else "")
+    link, pre, inf, scenario = _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name, "hr-", providers)
     swap(link, build_tiny_model(str(tmp_path / "v2"), version="tiny-2", scale=1.5, vocab=list(reversed(VOCAB))))
     switch_s = wait_for(lambda: inf.metric("prodcat_model_info", model_version="tiny-2") == 1)
+    assert inf.metric("prodcat_model_info", provider={"auto": "CPU", "openvino": "OpenVINO"}[providers]) == 1
     out = scenario.finish(switch_s, note="recovery = swap → new version serving; no pause")
     report(out)
     assert out.lost == 0 and out.dead == 0 and not out.wrong, out.wrong[:5]  # every answer right: no vocabulary mixed up

@@ -2,15 +2,19 @@
 import threading
 import time
 
+import pytest
+
 from common import settings as settings_mod
 from gpu_worker.model_holder import ModelHolder
 from tests.support.tiny_model import build_tiny_model
 
 
-def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tmp_path):
+@pytest.mark.parametrize("providers", ["cpu", "openvino"])
+def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tmp_path, providers):
     model_dir = build_tiny_model(str(tmp_path / "model"), version="tiny-1")
-    holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0), "inference")
-    assert holder.current.version == "tiny-1"
+    holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0, providers=providers,
+                                           intra_op_threads=2), "inference")
+    assert holder.current.version == "tiny-1" and holder.current.provider == {"cpu": "CPU", "openvino": "OpenVINO"}[providers]
 
     gate = threading.Event()
     holder._loader.submit(gate.wait)  # the loader busy, as under a slow (GPU) load: the tiny model loads in ~ms,
@@ -28,3 +32,4 @@ def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tm
     build_tiny_model(model_dir, version="tiny-3", scale=3.0)
     assert holder.maybe_reload(force=True) is True and holder.current.version == "tiny-3"  # forced: waits
     assert holder.maybe_reload(force=True) is False  # nothing changed since
+    assert holder.current.run([holder.current.tokenizer.encode("steel watch")] * 5, [None] * 5).shape == (5, 3)
