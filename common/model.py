@@ -126,13 +126,17 @@ def _lane_pool(lanes: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(lanes, thread_name_prefix="ort-lane")
 
 
-def choose_providers(preference: str) -> list[str]:
-    """`auto` → TensorRT, CUDA, OpenVINO, CPU (those installed); otherwise a comma list, CPU always last."""
+def choose_providers(preference: str, int8: bool = False) -> list[str]:
+    """`auto` → TensorRT, CUDA, OpenVINO (for an int8 graph), CPU (those installed); otherwise a comma list, CPU
+    always last."""
     import onnxruntime as ort
 
     available = ort.get_available_providers() + ([openvino_session.PROVIDER] if openvino_session.available() else [])
     if preference == "auto":
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", openvino_session.PROVIDER, "CPUExecutionProvider"]
+        # OpenVINO's gain is the int8 convolutions; an fp32 graph ran faster on ORT's lanes (337–348 against
+        # 270–285 items/s, 2 lanes, the myntra graph on the AMX Xeon)
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *([openvino_session.PROVIDER] if int8 else []),
+                  "CPUExecutionProvider"]
     else:  # any case, with or without the suffix: "cuda", "OpenVINO", "CPUExecutionProvider"
         wanted = [p.strip().lower().removesuffix("executionprovider") for p in preference.split(",")] + ["cpu"]
         by_name = {p.lower().removesuffix("executionprovider"): p for p in available}
@@ -224,12 +228,7 @@ class Classifier:
         if precision == "int8" and self.manifest.int8_file is None:
             raise ModelError(f"{model_dir}: precision int8 asked for, but the model has no int8 graph (see manifest 'int8')")
         self._cuda_options = provider_options(cuda_options)
-        wanted = choose_providers(providers)
-        serves_int8 = precision == "int8" or (precision == "auto" and self.manifest.int8_file is not None)
-        if providers == "auto" and wanted[0] == openvino_session.PROVIDER and not serves_int8:
-            # OpenVINO's gain is the int8 convolutions; an fp32 graph ran faster on ORT's lanes (337–348 against
-            # 270–285 items/s, 2 lanes, the myntra graph on the AMX Xeon)
-            wanted = wanted[1:]
+        wanted = choose_providers(providers, int8=self._int8_graph(precision))
         try:
             self._start(precision, intra_op_threads, wanted)
         except ModelError as e:
@@ -248,8 +247,7 @@ class Classifier:
         ORT's pool. On CPU, N single-threaded runs side by side beat one run on an N-thread pool (ORT: +29 % at
         batch 8 here): the small convnet's layers leave the pool's threads waiting on each other."""
         on_cpu = providers[0] in CPU_PROVIDERS
-        auto_int8 = on_cpu and precision == "auto" and self.manifest.int8_file is not None
-        self.precision = "int8" if precision == "int8" or auto_int8 else "fp32"
+        self.precision = "int8" if precision == "int8" or (on_cpu and self._int8_graph(precision)) else "fp32"
         self.lanes = max(1, intra_op_threads) if on_cpu else 1  # concurrent runs over chunks of one batch
         # items per run: 0 = the whole batch in one run (a GPU session, or the runtime's own pool); on CPU lanes
         # ORT's kernels are cheapest one image at a time, OpenVINO's want a few
@@ -269,6 +267,10 @@ class Classifier:
                     providers=[(p, self._cuda_options) if p == "CUDAExecutionProvider" else p for p in providers])
         except Exception as e:  # both runtimes raise their own exception types for bad files
             raise ModelError(f"cannot load {self.model_dir}/{filename}: {e}") from None
+
+    def _int8_graph(self, precision: str) -> bool:
+        """The int8 graph is asked for, or `auto` finds one (which it takes when the session runs on CPU)."""
+        return precision == "int8" or (precision == "auto" and self.manifest.int8_file is not None)
 
     @property
     def version(self) -> str:

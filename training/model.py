@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 IMAGE_FEATURES = 1280
 PAIR_PRIME = 1_000_003  # word-pair hash: (a · PAIR_PRIME + b) mod pair_space
+GATE_FLOOR = 1e-3  # lower bound of the name's doubt in the gate (keeps the graph numerically tame)
 
 
 def pair_mask(pair_space: int) -> int:
@@ -30,7 +31,6 @@ def pair_mask(pair_space: int) -> int:
     if pair_space < 1 or pair_space & (pair_space - 1):
         raise ValueError(f"pair_space {pair_space}: must be a power of two")
     return pair_space - 1
-GATE_FLOOR = 1e-3  # lower bound of the name's doubt in the gate (keeps the graph numerically tame)
 
 
 def load_lite0():
