@@ -48,15 +48,15 @@ def consumer_config(settings: Settings, group: str, worker: str) -> dict:
     return conf
 
 
-def producer_config(settings: Settings, worker: str) -> dict:
+def producer_config(settings: Settings, worker: str, linger_ms: int = 5) -> dict:
     conf = {
         "bootstrap.servers": settings.bootstrap_servers,
         "client.id": f"prodcat-{worker}",
         # retries cannot duplicate or reorder records within a partition
         "enable.idempotence": True,
         "acks": "all",
-        # small wait so records of one poll batch travel together
-        "linger.ms": 5,
+        # how long a record waits for others to share its message set (and its request, and its lz4 frame)
+        "linger.ms": linger_ms,
         # catalogue photos are mostly flat background: lz4 shrinks 150 KB tensor records ~2× for ~0.2 ms of
         # librdkafka's own thread (no GIL), and the broker moves half the bytes
         "compression.type": "lz4",
@@ -73,8 +73,8 @@ def _client_error(worker: str, err: KafkaError) -> None:
     log.warning("kafka client error: %s", err)
 
 
-def make_producer(settings: Settings, worker: str) -> Producer:
-    return Producer(producer_config(settings, worker))
+def make_producer(settings: Settings, worker: str, linger_ms: int = 5) -> Producer:
+    return Producer(producer_config(settings, worker, linger_ms))
 
 
 def make_consumer(settings: Settings, group: str, worker: str) -> Consumer:

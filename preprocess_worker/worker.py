@@ -18,6 +18,11 @@ from preprocess_worker.transform import preprocess
 
 WORKER = "preprocess"
 log = logging.getLogger(WORKER)
+# The checkpoint flushes each poll batch (flush sends at once, whatever the linger), so no record waits past
+# its batch; within a backlog's batches, tensor records then share message sets (≈ 6 per set at batch.size
+# 1 MB: one request, one lz4 frame) instead of leaving one or two at a time, as at librdkafka's 5 ms:
+# the worker's CPU 1.00–1.02 → 0.94 core-ms per item (prodcat bench, end to end).
+LINGER_MS = 100
 
 
 def event_time_of(event_time: float | None, msg: Message) -> float:
@@ -38,7 +43,7 @@ class PreprocessWorker:
         self.model_watch = DirWatch(settings.model_dir, settings.model_reload_s)
         self.max_event_bytes = schemas.max_event_bytes(settings.image_policy)
         self.consumer = kafka.make_consumer(settings, settings.preprocess_group, WORKER)
-        self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER))
+        self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER, LINGER_MS))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
 
     def run(self) -> None:

@@ -10,6 +10,7 @@ from confluent_kafka import Producer
 
 from common import kafka
 from common.errors import DeliveryError
+from prodcat.stack import read_topic
 
 
 def test_a_failed_flush_does_not_fail_the_next_batch(stack):
@@ -29,3 +30,16 @@ def test_a_failed_flush_does_not_fail_the_next_batch(stack):
         deliveries.produce(topic, b"retried", str(i))
     deliveries.flush(timeout_s=30.0)  # raised "5 failed, -5 undelivered" when the purge reported into this batch
     assert (deliveries.pending, deliveries.failures) == (0, [])
+
+
+def test_a_checkpoint_flush_sends_lingering_records_at_once(stack):
+    """The preprocess worker lingers long (LINGER_MS) because its checkpoint's flush sends whatever waits: with a
+    linger far beyond the flush's timeout, every record still lands within it."""
+    topic = stack.settings.topic_results
+    deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(stack.settings, "test", linger_ms=25_000))  # < message.timeout.ms
+    for i in range(20):
+        deliveries.produce(topic, f"lingering {i}".encode(), str(i))
+    deliveries.flush(timeout_s=10.0)  # DeliveryError ("20 undelivered") if the linger held them
+    assert (deliveries.pending, deliveries.failures) == (0, [])
+    values = sorted(m.value() for m in read_topic(stack.settings, topic))
+    assert values == sorted(f"lingering {i}".encode() for i in range(20))
