@@ -74,10 +74,17 @@ class OpenVINOSession:
         return [PROVIDER]
 
     def run(self, output_names: list[str] | None, feeds: dict) -> list:
+        import openvino as ov
+
         request = getattr(self._requests, "request", None)
         if request is None:
             request = self._requests.request = self._model.create_infer_request()
-        # inputs are read in place (the feeds are the caller's fresh arrays); outputs are copied (the default),
-        # since the request's buffers are overwritten by the lane's next run
-        out = request.infer(feeds, share_inputs=True)
-        return [out[name] for name in output_names or [p.name for p in self.get_outputs()]]
+        # inputs are read in place (the feeds are the caller's fresh arrays), except read-only ones (a one-item
+        # run's view of its Kafka payload), which OpenVINO will not wrap: copied, as its infer(feeds) would. Only the
+        # asked-for outputs are copied out (the request's buffers are overwritten by the lane's next run). Tensors
+        # set one by one and a bare infer(): 0.19 against 0.25 ms of the lane's CPU per 4-item run for
+        # infer(feeds), which dispatches the inputs in Python and copies every output
+        for name, value in feeds.items():
+            request.set_tensor(name, ov.Tensor(value, shared_memory=value.flags.writeable))
+        request.infer()
+        return [request.get_tensor(name).data.copy() for name in output_names or [p.name for p in self.get_outputs()]]
