@@ -459,6 +459,9 @@ def derive(fig: dict) -> dict:
         if "inference_items_per_s_per_core" in fig:
             infer_s = min(infer_s, 1 / fig["inference_items_per_s_per_core"])
         out["bound_items_per_s"] = round(cores / (fixed_s + infer_s), 1)
+    if "inference_items_per_s_per_core_after" in fig and "inference_items_per_s_per_core" in fig:
+        # below 1: the host ran slower at the end than when the stages were measured (the bound is then too high)
+        out["host_drift"] = round(fig["inference_items_per_s_per_core_after"] / fig["inference_items_per_s_per_core"], 3)
     if "e2e_full" in fig:
         out["e2e_items_per_s"] = fig["e2e_full"]["items_per_s"]
         out["p99_ms_half_load"] = fig["e2e_half"]["p99_ms"]
@@ -505,7 +508,7 @@ def plots(fig: dict, out_dir: str) -> list[str]:
 
 
 SUMMARY_KEYS = ("preprocess_items_per_s_per_core", "inference_items_per_s_best", "best_batch", "e2e_items_per_s",
-                "pipeline_efficiency", "naive_items_per_s", "speedup_vs_naive", "p99_ms_half_load", "lost")
+                "pipeline_efficiency", "naive_items_per_s", "speedup_vs_naive", "p99_ms_half_load", "lost", "host_drift")
 
 
 def markdown(fig: dict) -> str:
@@ -525,6 +528,8 @@ def markdown(fig: dict) -> str:
              f"{fig['fp16_top1_agreement']} / {fig['fp16_max_abs_prob_diff']} / {fig['fp16_checked_items']}", ""),
             ("inference per core (best batch, 1 thread), fastest run", fig.get("inference_items_per_s_per_core"), "items/s"),
             ("inference per core, each run", fig.get("inference_items_per_s_per_core_runs"), "items/s"),
+            ("inference per core again after the pipeline's runs, fastest run (host drift: after ÷ before)", None if "host_drift" not in fig
+             else f"{fig['inference_items_per_s_per_core_after']} ({fig['host_drift']})", "items/s"),
             ("tensor records through broker: produce / consume", f"{fig.get('broker_tensor_produce_per_s')} / {fig.get('broker_tensor_consume_per_s')}", "records/s"),
             ("broker + client CPU per tensor record (produce + consume), cheapest run", fig.get("broker_core_ms_per_record"), "core-ms"),
             ("broker + client CPU per tensor record, each run", fig.get("broker_core_ms_per_record_runs"), "core-ms"),
@@ -550,6 +555,13 @@ def markdown(fig: dict) -> str:
 
 def _lat(run: dict | None):
     return None if not run else f"{run['p50_ms']} / {run['p95_ms']} / {run['p99_ms']}"
+
+
+def one_thread_inference(args: argparse.Namespace, fig: dict, records) -> tuple[float, list[float]]:
+    """Inference on one thread at the best batch: (the fastest of --repeats short loops, every loop)."""
+    return cheapest_run(args.repeats, lambda: bench_inference(
+        args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2, args.precision)["inference_items_per_s_best"],
+        lambda rate: 1 / rate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -582,10 +594,7 @@ def run(args: argparse.Namespace) -> int:
     if "inference" in stages:
         fig.update(bench_inference(args.model, args.providers, args.threads, batches, records, args.seconds, args.precision))
         # one thread, the fastest of --repeats short loops (single loops measured 172–244 items/s on the same code)
-        fastest, runs = cheapest_run(args.repeats, lambda: bench_inference(
-            args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2, args.precision)["inference_items_per_s_best"],
-            lambda rate: 1 / rate)
-        fig["inference_items_per_s_per_core"], fig["inference_items_per_s_per_core_runs"] = fastest, runs
+        fig["inference_items_per_s_per_core"], fig["inference_items_per_s_per_core_runs"] = one_thread_inference(args, fig, records)
         if fig["inference_precision"] == "int8":  # what quantization buys: the fp32 graph at the same batch
             fp32 = bench_inference(args.model, args.providers, args.threads, [fig["best_batch"]], records, args.seconds / 2, "fp32")
             fig["inference_fp32_items_per_s_at_best_batch"] = fp32["inference_items_per_s_best"]
@@ -600,6 +609,11 @@ def run(args: argparse.Namespace) -> int:
                              args.max_delay_ms, args.providers, args.precision, args.repeats))
     if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
         fig.update(bench_naive(args.model, inputs, args.items, args.precision, args.repeats, args.providers))  # as many as end to end: short runs were noisy
+    if "inference" in stages and {"e2e", "naive"} & set(stages):
+        # the same loop again after the pipeline's runs: a shared host's speed drifts within a bench (one session's
+        # benches saw this loop at 484 and, 40 minutes later, 390 items/s), and every ratio compares figures taken
+        # minutes apart
+        fig["inference_items_per_s_per_core_after"] = one_thread_inference(args, fig, records)[0]
     fig.update(derive(fig))
     fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
     latencies = fig.pop("latencies_ms", None)

@@ -33,6 +33,15 @@ def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
     assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
     assert "| end to end, inference worker per batch: mean_batch / infer_ms / flush_ms | 31.5 / 80.0 / 1.2 | items, ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
+    assert "host drift" not in md  # the inference loop was not measured again after the pipeline
+
+
+def test_host_drift_compares_the_one_thread_loop_after_the_pipeline_with_before():
+    fig = _fig(inference_items_per_s_per_core_after=360.0)
+    fig.update(derive(fig))
+    assert fig["host_drift"] == 0.9  # the host ran 10 % slower at the end
+    assert fig["bound_items_per_s"] == derive(_fig())["bound_items_per_s"]  # the bound stays the one measured first
+    assert "| inference per core again after the pipeline's runs, fastest run (host drift: after ÷ before) | 360.0 (0.9) | items/s |" in markdown(fig)
 
 
 def test_per_batch_divides_the_stage_totals_by_the_batches_between_two_readings():
