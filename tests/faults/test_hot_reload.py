@@ -10,7 +10,7 @@ import pytest
 
 from tests.faults.harness import N, Scenario, start_pipeline, wait_for
 from tests.support.events import good_events
-from tests.support.tiny_model import VOCAB, build_tiny_model
+from tests.support.tiny_model import PROVIDER_LABEL, VOCAB, build_tiny_model
 
 
 def swap(link: str, target: str) -> None:
@@ -36,7 +36,7 @@ def test_new_model_with_new_vocabulary_mid_stream(stack, tiny_model, sample_jpeg
     link, pre, inf, scenario = _serving_mid_stream(stack, tiny_model, sample_jpegs, tmp_path, name, "hr-", providers)
     swap(link, build_tiny_model(str(tmp_path / "v2"), version="tiny-2", scale=1.5, vocab=list(reversed(VOCAB))))
     switch_s = wait_for(lambda: inf.metric("prodcat_model_info", model_version="tiny-2") == 1)
-    assert inf.metric("prodcat_model_info", provider={"auto": "CPU", "openvino": "OpenVINO"}[providers]) == 1
+    assert inf.metric("prodcat_model_info", provider=PROVIDER_LABEL[providers]) == 1
     out = scenario.finish(switch_s, note="recovery = swap → new version serving; no pause")
     report(out)
     assert out.lost == 0 and out.dead == 0 and not out.wrong, out.wrong[:5]  # every answer right: no vocabulary mixed up

@@ -16,7 +16,7 @@ from common import kafka, metrics, runtime, schemas
 from common.model import Classifier
 from gpu_worker.worker import InferenceWorker
 from prodcat.stack import read_results
-from tests.support.tiny_model import expected_category
+from tests.support.tiny_model import PROVIDER_LABEL, expected_category
 
 NAMES = ["Blue shirt", "Running shoes", "Steel watch"]
 
@@ -62,7 +62,7 @@ def test_next_batch_runs_while_the_one_before_is_checkpointed(stack, tiny_model,
         stop._event.set()
         loop.join(30)
 
-    assert worker.model.current.provider == {"cpu": "CPU", "openvino": "OpenVINO"}[providers]
+    assert worker.model.current.provider == PROVIDER_LABEL[providers]
     results = read_results(stack.redis(), settings, ids)
     assert sorted(results) == sorted(ids)
     assert all(results[f"ov-{i}"]["category"] == expected_category(NAMES[i % 3]) for i in range(24))

@@ -6,7 +6,7 @@ import pytest
 
 from common import settings as settings_mod
 from gpu_worker.model_holder import ModelHolder
-from tests.support.tiny_model import build_tiny_model
+from tests.support.tiny_model import PROVIDER_LABEL, build_tiny_model
 
 
 @pytest.mark.parametrize("providers", ["cpu", "openvino"])
@@ -14,7 +14,7 @@ def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tm
     model_dir = build_tiny_model(str(tmp_path / "model"), version="tiny-1")
     holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0, providers=providers,
                                            intra_op_threads=2), "inference")
-    assert holder.current.version == "tiny-1" and holder.current.provider == {"cpu": "CPU", "openvino": "OpenVINO"}[providers]
+    assert holder.current.version == "tiny-1" and holder.current.provider == PROVIDER_LABEL[providers]
 
     gate = threading.Event()
     holder._loader.submit(gate.wait)  # the loader busy, as under a slow (GPU) load: the tiny model loads in ~ms,
