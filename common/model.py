@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import openvino_session
+from common import openvino_session, runtime
 from common.images import IMAGE_SHAPE
 from common.tokenize import Tokenizer, TokenizerConfig
 
@@ -120,10 +120,14 @@ def _one_image(img) -> np.ndarray:
     return img[None]
 
 
+LANE_THREAD_NAME = "prodcat-lane"  # the lanes' OS-level name (top -H, perf, prodcat bench's per-thread CPU)
+
+
 @functools.cache
 def _lane_pool(lanes: int) -> ThreadPoolExecutor:
     """One pool per process and lane count, shared by every Classifier (a hot reload adds no threads)."""
-    return ThreadPoolExecutor(lanes, thread_name_prefix="ort-lane")
+    return ThreadPoolExecutor(lanes, thread_name_prefix="ort-lane", initializer=runtime.name_this_thread,
+                              initargs=(LANE_THREAD_NAME,))
 
 
 def choose_providers(preference: str, int8: bool = False) -> list[str]:

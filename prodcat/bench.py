@@ -158,14 +158,39 @@ def bench_inference(model_dir: str, providers: str, threads: int, batches: list[
             "inference_items_per_s_best": per_batch[best], "best_batch": best}
 
 
+def _proc_stat(path: str) -> tuple[str, float]:
+    """(name, user + system CPU seconds so far) of a process or thread, from its /proc/…/stat."""
+    with open(path) as f:
+        comm, fields = f.read().split("(", 1)[1].rsplit(")", 1)
+    ticks = fields.split()
+    return comm, (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(*pids: int) -> float:
     """User + system CPU time of these processes so far, together (Linux /proc)."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(_proc_stat(f"/proc/{pid}/stat")[1] for pid in pids)
+
+
+# what each thread of a worker process is, by its OS name (`comm`): the main loop, librdkafka's threads, the
+# inference lanes (common.model.LANE_THREAD_NAME), and the rest — the runtimes' own pools (OpenVINO's streams,
+# ONNX Runtime's threads), the metrics server
+THREAD_ROLES = ("main", "librdkafka", "lanes", "runtime + other")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time of one process's live threads so far, by `THREAD_ROLES` (Linux /proc)."""
+    from common.model import LANE_THREAD_NAME
+
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm, seconds = _proc_stat(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
+            continue
+        role = ("main" if int(tid) == pid else "librdkafka" if comm.startswith("rdk:")
+                else "lanes" if comm.startswith(LANE_THREAD_NAME) else "runtime + other")
+        out[role] += seconds
+    return out
 
 
 def fp16_copy(model_dir: str, out_dir: str) -> str:
@@ -312,12 +337,17 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
         for w in workers:
             pids.setdefault(f"{w.kind} workers", []).append(w.proc.pid)
         runs, full_lat, cpu = [], [], dict.fromkeys(pids, 0.0)
+        by_thread = {f"{w.kind} workers": dict.fromkeys(THREAD_ROLES, 0.0) for w in workers}  # where in each worker
         stages0 = inference_stage_sums(workers[-1])
         for r in range(repeats):
             cpu0 = {k: cpu_seconds(*v) for k, v in pids.items()}
+            threads0 = [thread_cpu_seconds(w.proc.pid) for w in workers]
             run, lat = _measure_run(stack, events_for(inputs, n, f"full{r}-"))
             for key, v in pids.items():
                 cpu[key] += cpu_seconds(*v) - cpu0[key]
+            for w, before in zip(workers, threads0):
+                for role, seconds in thread_cpu_seconds(w.proc.pid).items():
+                    by_thread[f"{w.kind} workers"][role] += seconds - before[role]
             runs.append(run)
             full_lat += lat
             log(f"end to end, full load, run {r + 1}/{repeats}: {run}")
@@ -327,7 +357,10 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
         cost = {key: round(1000 * v / (n * repeats), 3) for key, v in cpu.items()}
         full = {"items": n * repeats, "results": sum(x["results"] for x in runs), "lost": sum(x["lost"] for x in runs),
                 "items_per_s": float(np.median(rates)), "items_per_s_runs": rates, **_percentiles(full_lat),
-                "core_ms_per_item": {**cost, "total": round(sum(cost.values()), 3)}, "inference_per_batch": stages}
+                "core_ms_per_item": {**cost, "total": round(sum(cost.values()), 3)},
+                "core_ms_per_item_by_thread": {kind: {role: round(1000 * v / (n * repeats), 3) for role, v in roles.items()}
+                                               for kind, roles in by_thread.items()},
+                "inference_per_batch": stages}
         rate = full["items_per_s"] * 0.5
         half, half_lat = _measure_run(stack, events_for(inputs, max(200, int(rate * 20)), "half"), rate=rate)
         log(f"end to end, paced at {rate:.0f}/s: {half}")
@@ -545,6 +578,8 @@ def markdown(fig: dict) -> str:
             ("naive: core-ms per item / cores kept busy", f"{fig.get('naive_core_ms_per_item')} / {fig.get('naive_cores_busy')}", ""),
             ("pipeline efficiency (e2e ÷ bound)", fig.get("pipeline_efficiency"), ""),
             ("end to end, core-ms per item: " + " / ".join(cost), " / ".join(str(v) for v in cost.values()), "core-ms"),
+            *[(f"end to end, {kind}' threads, core-ms per item: " + " / ".join(roles), " / ".join(str(v) for v in roles.values()),
+               "core-ms") for kind, roles in (fig.get("e2e_full") or {}).get("core_ms_per_item_by_thread", {}).items()],
             ("end to end, inference worker per batch: " + " / ".join(stages), " / ".join(str(v) for v in stages.values()), "items, ms"),
             ("speed-up over naive", fig.get("speedup_vs_naive"), "×"),
             ("lost during the benchmark", fig.get("lost"), "items")]

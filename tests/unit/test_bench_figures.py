@@ -1,5 +1,11 @@
 """The benchmark's derived figures: the bound uses each stage's cheapest measured cost per item."""
-from prodcat.bench import cheapest_run, derive, markdown, per_batch
+import os
+import threading
+import time
+
+from common.model import LANE_THREAD_NAME, _lane_pool
+from common.runtime import name_this_thread
+from prodcat.bench import cheapest_run, derive, markdown, per_batch, thread_cpu_seconds
 
 
 def _fig(**over):
@@ -7,6 +13,8 @@ def _fig(**over):
            "inference_threads": 2, "inference_items_per_s_best": 800.0, "inference_items_per_s_per_core": 400.0,
            "e2e_full": {"items_per_s": 300.0, "lost": 0, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3,
                         "core_ms_per_item": {"broker": 0.5, "preprocess workers": 2.0, "total": 2.5},
+                        "core_ms_per_item_by_thread": {"inference workers": {"main": 0.1, "librdkafka": 0.05, "lanes": 0.07,
+                                                                             "runtime + other": 2.2}},
                         "inference_per_batch": {"mean_batch": 31.5, "infer_ms": 80.0, "flush_ms": 1.2}},
            "e2e_half": {"items_per_s": 150.0, "lost": 1, "p50_ms": 10, "p95_ms": 20, "p99_ms": 30},
            "naive_items_per_s": 100.0}
@@ -31,6 +39,8 @@ def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
     assert "| broker + client CPU per tensor record, each run | [0.7, 0.5, 0.6] | core-ms |" in md
     assert "| inference per core, each run | [380.0, 400.0] | items/s |" in md
     assert "| end to end, core-ms per item: broker / preprocess workers / total | 0.5 / 2.0 / 2.5 | core-ms |" in md
+    assert ("| end to end, inference workers' threads, core-ms per item: main / librdkafka / lanes / runtime + other | "
+            "0.1 / 0.05 / 0.07 / 2.2 | core-ms |") in md
     assert "| end to end, inference worker per batch: mean_batch / infer_ms / flush_ms | 31.5 / 80.0 / 1.2 | items, ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
     assert "host drift" not in md  # the inference loop was not measured again after the pipeline
@@ -56,3 +66,40 @@ def test_cheapest_run_measures_every_repeat_and_keeps_the_least_cost():
     best, runs = cheapest_run(3, lambda: next(rates), lambda rate: 1 / rate)
     assert best == 420.0 and runs == [380.0, 420.0, 400.0]
     assert cheapest_run(0, lambda: 1.0, float)[1] == [1.0]  # at least one run
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_thread_cpu_seconds_sorts_a_process_threads_by_their_os_names():
+    burned, release = threading.Barrier(3), threading.Event()
+
+    def thread(name: str, seconds: float) -> None:
+        name_this_thread(name)
+        _burn(seconds)
+        burned.wait()
+        release.wait()  # still alive when read: an ended thread's CPU leaves /proc/PID/task
+
+    before = thread_cpu_seconds(os.getpid())
+    threads = [threading.Thread(target=thread, args=args) for args in ((LANE_THREAD_NAME, 0.3), ("rdk:broker1", 0.2))]
+    for t in threads:
+        t.start()
+    burned.wait()
+    after = thread_cpu_seconds(os.getpid())
+    release.set()
+    for t in threads:
+        t.join()
+    assert 0.29 <= after["lanes"] - before["lanes"] < 0.5
+    assert 0.19 <= after["librdkafka"] - before["librdkafka"] < 0.4
+    assert after["runtime + other"] - before["runtime + other"] < 0.1  # nothing else burned meanwhile
+
+
+def test_inference_lanes_carry_their_os_level_name():
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", encoding="utf-8") as f:
+            return f.read().strip()
+
+    assert _lane_pool(2).submit(comm).result() == LANE_THREAD_NAME
