@@ -120,13 +120,13 @@ def _one_image(img) -> np.ndarray:
     return img[None]
 
 
-LANE_THREAD_NAME = "prodcat-lane"  # the lanes' OS-level name (top -H, perf, prodcat bench's per-thread CPU)
+LANE_THREAD_NAME = "prodcat-lane"  # the lanes' name, in Python (py-spy) and for the OS (top -H, perf, prodcat bench)
 
 
 @functools.cache
 def _lane_pool(lanes: int) -> ThreadPoolExecutor:
     """One pool per process and lane count, shared by every Classifier (a hot reload adds no threads)."""
-    return ThreadPoolExecutor(lanes, thread_name_prefix="ort-lane", initializer=runtime.name_this_thread,
+    return ThreadPoolExecutor(lanes, thread_name_prefix=LANE_THREAD_NAME, initializer=runtime.name_this_thread,
                               initargs=(LANE_THREAD_NAME,))
 
 
