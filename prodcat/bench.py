@@ -19,7 +19,7 @@ import numpy as np
 
 from common import schemas
 from common.images import FetchPolicy, decode_resize
-from common.model import PRECISIONS, Classifier, Manifest, ModelError
+from common.model import LANE_THREAD_NAME, PRECISIONS, Classifier, Manifest, ModelError
 from common.settings import cache_dir
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
@@ -179,8 +179,6 @@ THREAD_ROLES = ("main", "librdkafka", "lanes", "runtime + other")
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU time of one process's live threads so far, by `THREAD_ROLES` (Linux /proc)."""
-    from common.model import LANE_THREAD_NAME
-
     out = dict.fromkeys(THREAD_ROLES, 0.0)
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
