@@ -96,8 +96,8 @@ def timed_loop(fn, items: list, seconds: float) -> float:
 # ------------------------------------------------------------------ stages alone
 
 
-def bench_preprocess(inputs, tokenizer: Tokenizer, seconds: float) -> dict:
-    """The preprocess worker's per-event work on one core: decode event, read file, decode + resize,
+def preprocess_rate(inputs, tokenizer: Tokenizer, seconds: float) -> float:
+    """The preprocess worker's per-event work on one core, items/s: decode event, read file, decode + resize,
     tokenize, encode the tensor record."""
     policy = FetchPolicy()
     payloads = [schemas.encode_event(pid, name, image_url="file://" + path) for pid, name, path in inputs]
@@ -106,12 +106,16 @@ def bench_preprocess(inputs, tokenizer: Tokenizer, seconds: float) -> dict:
         event = schemas.decode_event(payload)
         preprocess(event, tokenizer, policy, time.time()).encode()
 
+    return round(timed_loop(one, payloads, seconds), 1)
+
+
+def bench_preprocess(inputs, tokenizer: Tokenizer, seconds: float) -> dict:
     def decode_only(path: str) -> None:
         with open(path, "rb") as f:
             decode_resize(f.read())
 
     return {
-        "preprocess_items_per_s_per_core": round(timed_loop(one, payloads, seconds), 1),
+        "preprocess_items_per_s_per_core": preprocess_rate(inputs, tokenizer, seconds),
         "decode_resize_per_s": round(timed_loop(decode_only, [p for _, _, p in inputs], seconds / 2), 1),
     }
 
@@ -318,8 +322,10 @@ def per_batch(before: dict, after: dict) -> dict:
 
 
 def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: int, max_delay_ms: float, providers: str,
-              precision: str, repeats: int = 3) -> dict:
-    """Full load `repeats` times in one stack (the median run counts: single runs here swing ±8 %), then paced."""
+              precision: str, repeats: int = 3, host_probe=None) -> dict:
+    """Full load `repeats` times in one stack (the median run counts: single runs here swing ±8 %), then paced.
+    `host_probe()` (stage loops, run in this process while the stack idles) before the first run and after each:
+    `derive` sets each run against the bound of the loops on either side of it."""
     from prodcat.stack import LocalStack
 
     with LocalStack() as stack:
@@ -337,6 +343,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
         runs, full_lat, cpu = [], [], dict.fromkeys(pids, 0.0)
         by_thread = {f"{w.kind} workers": dict.fromkeys(THREAD_ROLES, 0.0) for w in workers}  # where in each worker
         stages0 = inference_stage_sums(workers[-1])
+        probes = [host_probe()] if host_probe else []
         for r in range(repeats):
             cpu0 = {k: cpu_seconds(*v) for k, v in pids.items()}
             threads0 = [thread_cpu_seconds(w.proc.pid) for w in workers]
@@ -350,6 +357,8 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
             full_lat += lat
             log(f"end to end, full load, run {r + 1}/{repeats}: {run}")
             time.sleep(2)  # let the broker and workers settle after the burst
+            if host_probe:
+                probes.append(host_probe())
         rates = [x["items_per_s"] for x in runs]
         stages = per_batch(stages0, inference_stage_sums(workers[-1]))
         cost = {key: round(1000 * v / (n * repeats), 3) for key, v in cpu.items()}
@@ -358,7 +367,7 @@ def bench_e2e(model_dir: str, inputs, n: int, k: int, threads: int, max_batch: i
                 "core_ms_per_item": {**cost, "total": round(sum(cost.values()), 3)},
                 "core_ms_per_item_by_thread": {kind: {role: round(1000 * v / (n * repeats), 3) for role, v in roles.items()}
                                                for kind, roles in by_thread.items()},
-                "inference_per_batch": stages}
+                "inference_per_batch": stages, **({"host_probes": probes} if probes else {})}
         rate = full["items_per_s"] * 0.5
         half, half_lat = _measure_run(stack, events_for(inputs, max(200, int(rate * 20)), "half"), rate=rate)
         log(f"end to end, paced at {rate:.0f}/s: {half}")
@@ -478,27 +487,44 @@ def machine_info() -> dict:
             "librdkafka": confluent_kafka.libversion()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def stage_bound(cores: int, preprocess_per_s: float, broker_ms: float, inference_core_s: float) -> float:
+    """cores ÷ the core-seconds one item costs in each stage measured alone: the cores can do no better."""
+    return round(cores / (1 / preprocess_per_s + broker_ms / 1000 + inference_core_s), 1)
+
+
 def derive(fig: dict) -> dict:
     """Ratios: the pipeline against the bound its own stage rates set for these cores, and against naive."""
     out = {}
     cores = fig["machine"]["cpu_count"]
+    broker_ms = fig.get("broker_core_ms_per_record", 0.0)
     if "preprocess_items_per_s_per_core" in fig and "inference_items_per_s_best" in fig:
-        # core-seconds one item costs in each stage, measured alone; the cores can do no better than their sum.
-        # Inference at its cheapest measured way: as the worker runs it (configured threads, best batch) or 1 thread.
-        fixed_s = 1 / fig["preprocess_items_per_s_per_core"] + fig.get("broker_core_ms_per_record", 0.0) / 1000
+        # inference at its cheapest measured way: as the worker runs it (configured threads, best batch) or 1 thread
         infer_s = fig["inference_threads"] / fig["inference_items_per_s_best"]
         if "inference_items_per_s_per_core" in fig:
             infer_s = min(infer_s, 1 / fig["inference_items_per_s_per_core"])
-        out["bound_items_per_s"] = round(cores / (fixed_s + infer_s), 1)
-    if "inference_items_per_s_per_core_after" in fig and "inference_items_per_s_per_core" in fig:
-        # below 1: the host ran slower at the end than when the stages were measured (the bound is then too high)
-        out["host_drift"] = round(fig["inference_items_per_s_per_core_after"] / fig["inference_items_per_s_per_core"], 3)
-    if "e2e_full" in fig:
-        out["e2e_items_per_s"] = fig["e2e_full"]["items_per_s"]
+        out["bound_items_per_s"] = stage_bound(cores, fig["preprocess_items_per_s_per_core"], broker_ms, infer_s)
+    full = fig.get("e2e_full") or {}
+    probes = full.get("host_probes") or []
+    if len(probes) > 1:
+        # each full-load run against the bound of the stage loops just before and just after it, the faster of the
+        # two: this shared host's speed drifts by up to 15 % within one bench, so a run compared with stages measured
+        # minutes earlier measures the drift as much as the pipeline
+        pre, inf = "preprocess_items_per_s_per_core", "inference_items_per_s_per_core"
+        out["bound_items_per_s_runs"] = [stage_bound(cores, max(a[pre], b[pre]), broker_ms, 1 / max(a[inf], b[inf]))
+                                         for a, b in zip(probes, probes[1:])]
+        out["pipeline_efficiency_runs"] = [round(rate / bound, 3) for rate, bound in
+                                           zip(full["items_per_s_runs"], out["bound_items_per_s_runs"])]
+        # below 1: the host ran slower after the last run than before the first
+        out["host_drift"] = round(probes[-1][inf] / probes[0][inf], 3)
+    if full:
+        out["e2e_items_per_s"] = full["items_per_s"]
         out["p99_ms_half_load"] = fig["e2e_half"]["p99_ms"]
-        out["lost"] = fig["e2e_full"]["lost"] + fig["e2e_half"]["lost"]
+        out["lost"] = full["lost"] + fig["e2e_half"]["lost"]
         if "bound_items_per_s" in out:
-            out["pipeline_efficiency"] = round(out["e2e_items_per_s"] / out["bound_items_per_s"], 3)
+            out["pipeline_efficiency_unpaired"] = round(out["e2e_items_per_s"] / out["bound_items_per_s"], 3)
+            out["pipeline_efficiency"] = out["pipeline_efficiency_unpaired"]
+        if "pipeline_efficiency_runs" in out:
+            out["pipeline_efficiency"] = round(float(np.median(out["pipeline_efficiency_runs"])), 3)
         if "naive_items_per_s" in fig:
             out["speedup_vs_naive"] = round(out["e2e_items_per_s"] / fig["naive_items_per_s"], 2)
     return out
@@ -539,12 +565,14 @@ def plots(fig: dict, out_dir: str) -> list[str]:
 
 
 SUMMARY_KEYS = ("preprocess_items_per_s_per_core", "inference_items_per_s_best", "best_batch", "e2e_items_per_s",
-                "pipeline_efficiency", "naive_items_per_s", "speedup_vs_naive", "p99_ms_half_load", "lost", "host_drift")
+                "pipeline_efficiency", "pipeline_efficiency_unpaired", "naive_items_per_s", "speedup_vs_naive", "p99_ms_half_load",
+                "lost", "host_drift")
 
 
 def markdown(fig: dict) -> str:
     cost = (fig.get("e2e_full") or {}).get("core_ms_per_item", {})  # CPU each process spent, per item
     stages = (fig.get("e2e_full") or {}).get("inference_per_batch", {})  # mean batch, ms per batch in each stage
+    probes = (fig.get("e2e_full") or {}).get("host_probes", [])
     machine = fig.get("machine", {})
     cpu = f"{machine['cpu_count']} × {machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})" if machine.get("cpu_model") else None
     rows = [("machine: cores × CPU (SIMD)", cpu, ""),
@@ -559,8 +587,6 @@ def markdown(fig: dict) -> str:
              f"{fig['fp16_top1_agreement']} / {fig['fp16_max_abs_prob_diff']} / {fig['fp16_checked_items']}", ""),
             ("inference per core (best batch, 1 thread), fastest run", fig.get("inference_items_per_s_per_core"), "items/s"),
             ("inference per core, each run", fig.get("inference_items_per_s_per_core_runs"), "items/s"),
-            ("inference per core again after the pipeline's runs, fastest run (host drift: after ÷ before)", None if "host_drift" not in fig
-             else f"{fig['inference_items_per_s_per_core_after']} ({fig['host_drift']})", "items/s"),
             ("tensor records through broker: produce / consume", f"{fig.get('broker_tensor_produce_per_s')} / {fig.get('broker_tensor_consume_per_s')}", "records/s"),
             ("broker + client CPU per tensor record (produce + consume), cheapest run", fig.get("broker_core_ms_per_record"), "core-ms"),
             ("broker + client CPU per tensor record, each run", fig.get("broker_core_ms_per_record_runs"), "core-ms"),
@@ -574,7 +600,13 @@ def markdown(fig: dict) -> str:
             (f"naive single process (median of the runs, {fig.get('naive_provider', 'CPU')})", fig.get("naive_items_per_s"), "items/s"),
             ("naive single process, each run", fig.get("naive_items_per_s_runs"), "items/s"),
             ("naive: core-ms per item / cores kept busy", f"{fig.get('naive_core_ms_per_item')} / {fig.get('naive_cores_busy')}", ""),
-            ("pipeline efficiency (e2e ÷ bound)", fig.get("pipeline_efficiency"), ""),
+            ("stage loops around the full-load runs, before run 1 and after each: preprocess 1 core / inference 1 thread",
+             " → ".join(f"{p['preprocess_items_per_s_per_core']} / {p['inference_items_per_s_per_core']}" for p in probes), "items/s"),
+            ("bound of each full-load run (the faster loops on either side of it)", fig.get("bound_items_per_s_runs"), "items/s"),
+            ("pipeline efficiency of each run (its items/s ÷ its bound)", fig.get("pipeline_efficiency_runs"), ""),
+            ("host drift (1-thread inference after the last run ÷ before the first)", fig.get("host_drift"), ""),
+            ("**pipeline efficiency**" + (" (median run ÷ its own bound)" if probes else " (e2e ÷ bound)"), fig.get("pipeline_efficiency"), ""),
+            ("pipeline efficiency against the bound measured first (e2e ÷ bound)", fig.get("pipeline_efficiency_unpaired") if probes else None, ""),
             ("end to end, core-ms per item: " + " / ".join(cost), " / ".join(str(v) for v in cost.values()), "core-ms"),
             *[(f"end to end, {kind}' threads, core-ms per item: " + " / ".join(roles), " / ".join(str(v) for v in roles.values()),
                "core-ms") for kind, roles in (fig.get("e2e_full") or {}).get("core_ms_per_item_by_thread", {}).items()],
@@ -638,15 +670,18 @@ def run(args: argparse.Namespace) -> int:
     if "scaling" in stages:
         fig.update(bench_scaling(args.model, inputs, args.items))
     if "e2e" in stages:
+        probe = None
+        if {"preprocess", "inference"} <= set(stages):
+            def probe() -> dict:
+                """The bound's two largest terms again, one short loop each: the host's speed at this moment."""
+                return {"preprocess_items_per_s_per_core": preprocess_rate(inputs, tokenizer, args.seconds / 2),
+                        "inference_items_per_s_per_core": bench_inference(
+                            args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2,
+                            args.precision)["inference_items_per_s_best"]}
         fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
-                             args.max_delay_ms, args.providers, args.precision, args.repeats))
+                             args.max_delay_ms, args.providers, args.precision, args.repeats, probe))
     if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
         fig.update(bench_naive(args.model, inputs, args.items, args.precision, args.repeats, args.providers))  # as many as end to end: short runs were noisy
-    if "inference" in stages and {"e2e", "naive"} & set(stages):
-        # the same loop again after the pipeline's runs: a shared host's speed drifts within a bench (one session's
-        # benches saw this loop at 484 and, 40 minutes later, 390 items/s), and every ratio compares figures taken
-        # minutes apart
-        fig["inference_items_per_s_per_core_after"] = one_thread_inference(args, fig, records)[0]
     fig.update(derive(fig))
     fig["plots"] = plots(fig, args.out)  # needs the latencies, which are too long for bench.json
     latencies = fig.pop("latencies_ms", None)

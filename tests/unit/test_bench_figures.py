@@ -43,15 +43,38 @@ def test_markdown_lists_the_per_process_costs_and_skips_missing_figures():
             "0.1 / 0.05 / 0.07 / 2.2 | core-ms |") in md
     assert "| end to end, inference worker per batch: mean_batch / infer_ms / flush_ms | 31.5 / 80.0 / 1.2 | items, ms |" in md
     assert "fp32 graph" not in md  # not measured in this figure set
-    assert "host drift" not in md  # the inference loop was not measured again after the pipeline
+    assert "host drift" not in md  # no stage loops around the full-load runs
 
 
-def test_host_drift_compares_the_one_thread_loop_after_the_pipeline_with_before():
-    fig = _fig(inference_items_per_s_per_core_after=360.0)
+def _probe(preprocess: float, inference: float) -> dict:
+    return {"preprocess_items_per_s_per_core": preprocess, "inference_items_per_s_per_core": inference}
+
+
+def test_each_run_is_set_against_the_stage_loops_on_either_side_of_it():
+    # the host slows between the first two probes: run 1's bound takes the faster loops, run 2's the slower ones
+    probes = [_probe(500.0, 400.0), _probe(400.0, 250.0), _probe(500.0, 250.0)]
+    full = {**_fig()["e2e_full"], "items_per_s": 250.0, "items_per_s_runs": [300.0, 200.0], "host_probes": probes}
+    fig = _fig(e2e_full=full)
     fig.update(derive(fig))
-    assert fig["host_drift"] == 0.9  # the host ran 10 % slower at the end
-    assert fig["bound_items_per_s"] == derive(_fig())["bound_items_per_s"]  # the bound stays the one measured first
-    assert "| inference per core again after the pipeline's runs, fastest run (host drift: after ÷ before) | 360.0 (0.9) | items/s |" in markdown(fig)
+    # 2 cores ÷ (2.0 preprocess + 0.5 broker + 2.5 inference) = 400; ÷ (2.0 + 0.5 + 4.0) = 307.7
+    assert fig["bound_items_per_s_runs"] == [400.0, 307.7]
+    assert fig["pipeline_efficiency_runs"] == [0.75, 0.65]
+    assert fig["pipeline_efficiency"] == 0.7  # the median of the runs'
+    assert fig["pipeline_efficiency_unpaired"] == 0.625  # 250 against the stage section's 400
+    assert fig["host_drift"] == 0.625
+    md = markdown(fig)
+    assert "| stage loops around the full-load runs, before run 1 and after each: preprocess 1 core / inference 1 thread | " \
+           "500.0 / 400.0 → 400.0 / 250.0 → 500.0 / 250.0 | items/s |" in md
+    assert "| **pipeline efficiency** (median run ÷ its own bound) | 0.7 |  |" in md
+    assert "| pipeline efficiency against the bound measured first (e2e ÷ bound) | 0.625 |  |" in md
+
+
+def test_without_stage_loops_around_the_runs_the_efficiency_is_against_the_bound_measured_first():
+    fig = _fig()
+    fig.update(derive(fig))
+    assert fig["pipeline_efficiency"] == fig["pipeline_efficiency_unpaired"] == 0.75
+    assert "host_drift" not in fig and "pipeline_efficiency_runs" not in fig
+    assert "| **pipeline efficiency** (e2e ÷ bound) | 0.75 |  |" in markdown(fig)
 
 
 def test_per_batch_divides_the_stage_totals_by_the_batches_between_two_readings():
