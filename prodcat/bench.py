@@ -3,7 +3,9 @@ the same machine, with the ratios between them. Not a test: it reports, it does 
 
 Stages (each alone, one process): preprocess per core (file read + decode + resize + tokenize + serialize),
 tokenization, inference vs batch size, tensor records through the broker. End to end: the local stack at
-full load, then paced at ~50 % of that rate. Naive: one process, event → full decode → batch-1 → Redis.
+full load, with the bound's largest stage loops run again between its runs (each run is set against the host's
+speed of its own moment), then paced at ~50 % of that rate. Naive: one process, event → full decode → batch-1 →
+Redis.
 """
 from __future__ import annotations
 
