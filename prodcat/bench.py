@@ -624,11 +624,15 @@ def _lat(run: dict | None):
     return None if not run else f"{run['p50_ms']} / {run['p95_ms']} / {run['p99_ms']}"
 
 
+def one_thread_rate(args: argparse.Namespace, fig: dict, records) -> float:
+    """Inference on one thread at the best batch, one short loop: items/s."""
+    return bench_inference(args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2,
+                           args.precision)["inference_items_per_s_best"]
+
+
 def one_thread_inference(args: argparse.Namespace, fig: dict, records) -> tuple[float, list[float]]:
     """Inference on one thread at the best batch: (the fastest of --repeats short loops, every loop)."""
-    return cheapest_run(args.repeats, lambda: bench_inference(
-        args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2, args.precision)["inference_items_per_s_best"],
-        lambda rate: 1 / rate)
+    return cheapest_run(args.repeats, lambda: one_thread_rate(args, fig, records), lambda rate: 1 / rate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -677,9 +681,7 @@ def run(args: argparse.Namespace) -> int:
             def probe() -> dict:
                 """The bound's two largest terms again, one short loop each: the host's speed at this moment."""
                 return {"preprocess_items_per_s_per_core": preprocess_rate(inputs, tokenizer, args.seconds / 2),
-                        "inference_items_per_s_per_core": bench_inference(
-                            args.model, args.providers, 1, [fig["best_batch"]], records, args.seconds / 2,
-                            args.precision)["inference_items_per_s_best"]}
+                        "inference_items_per_s_per_core": one_thread_rate(args, fig, records)}
         fig.update(bench_e2e(args.model, inputs, args.items, args.preprocess_workers, args.threads, args.max_batch,
                              args.max_delay_ms, args.providers, args.precision, args.repeats, probe))
     if "naive" in stages:  # the same graph as the pipeline: the speed-up is the architecture's, not the model's
