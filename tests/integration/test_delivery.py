@@ -32,6 +32,20 @@ def test_a_failed_flush_does_not_fail_the_next_batch(stack):
     assert (len(deliveries.producer), deliveries.failures) == (0, [])
 
 
+def test_a_record_that_times_out_is_reported_as_failed(stack):
+    """Producers report failed deliveries only: a failure must still reach the batch (not pass as delivered)."""
+    conf = {**kafka.producer_config(stack.settings, "test"), "message.timeout.ms": 500}
+    deliveries = kafka.DeliveryTracker(lambda: Producer(conf))
+    os.kill(stack.broker.pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            deliveries.produce(stack.settings.topic_results, b"expiring", str(i))
+        with pytest.raises(DeliveryError, match="3 failed, 0 undelivered"):
+            deliveries.flush(timeout_s=10.0)  # the records expire after 0.5 s: flush then has nothing left to wait for
+    finally:
+        os.kill(stack.broker.pid, signal.SIGCONT)
+
+
 def test_a_checkpoint_flush_sends_lingering_records_at_once(stack):
     """The preprocess worker lingers long (LINGER_MS) because its checkpoint's flush sends whatever waits: with a
     linger far beyond the flush's timeout, every record still lands within it."""
