@@ -121,11 +121,11 @@ class DeliveryTracker:
     def flush(self, timeout_s: float = 30.0) -> None:
         undelivered = self.producer.flush(timeout_s)  # records still queued or in flight when time ran out
         failures = self.failures
-        if failures or undelivered:
-            self._replace_producer()  # before the reset: the purged records report into this batch, not the next
+        if not failures and not undelivered:
+            return
+        self._replace_producer()  # before the reset: the purged records report into this batch, not the next
         self.failures = []
-        if failures or undelivered:
-            raise DeliveryError(f"{len(failures)} failed, {undelivered} undelivered: {failures[:3]}")
+        raise DeliveryError(f"{len(failures)} failed, {undelivered} undelivered: {failures[:3]}")
 
     def _replace_producer(self) -> None:
         """The retry goes through a new producer: the old one's idempotence state (producer id, epoch,
