@@ -14,6 +14,9 @@ from common.images import FetchPolicy
 
 ENV_PREFIX = "PRODCAT_"
 KAFKA_ENV_PREFIX = "PRODCAT_KAFKA__"
+# options the Python client reads itself, as Python booleans: given librdkafka's string "false", confluent-kafka
+# raises TypeError when the client is created. Passed through as bools; anything but true / false is refused at load
+KAFKA_CLIENT_BOOLS = ("delivery.report.only.error",)
 
 
 def cache_dir() -> str:
@@ -50,8 +53,8 @@ class Settings:
     image_policy: FetchPolicy = field(default_factory=FetchPolicy)
     kafka: tuple[tuple[str, str], ...] = ()  # extra librdkafka options, passed through
 
-    def kafka_options(self) -> dict[str, str]:
-        return dict(self.kafka)
+    def kafka_options(self) -> dict[str, str | bool]:
+        return {k: v == "true" if k in KAFKA_CLIENT_BOOLS else v for k, v in self.kafka}
 
 
 _SIMPLE = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("image_policy", "kafka")}
@@ -96,6 +99,11 @@ def load(args: argparse.Namespace | None = None, env: dict | None = None, **over
         if not sep:
             raise SystemExit(f"--kafka-opt wants KEY=VALUE, got {opt!r}")
         kafka[key.strip()] = value.strip()
+    for key in KAFKA_CLIENT_BOOLS:
+        if key in kafka:
+            if kafka[key].lower() not in ("true", "false"):
+                raise SystemExit(f"Kafka option {key} wants true or false, got {kafka[key]!r}")
+            kafka[key] = kafka[key].lower()
     values["image_policy"] = dataclasses.replace(base.image_policy, **policy)
     values["kafka"] = tuple(sorted(kafka.items()))
     values.update(overrides)

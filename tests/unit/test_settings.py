@@ -36,6 +36,21 @@ def test_bad_kafka_opt_is_a_clear_error():
         settings.load(_parse(["--kafka-opt", "nonsense"]), env={})
 
 
+def test_kafka_options_the_python_client_types_reach_it_as_booleans():
+    from confluent_kafka import Producer
+
+    from common import kafka
+
+    s = settings.load(env={"PRODCAT_KAFKA__DELIVERY_REPORT_ONLY_ERROR": "False"})
+    conf = kafka.producer_config(s, "test")
+    assert conf["delivery.report.only.error"] is False
+    Producer(conf)  # the string "false" here was a TypeError at worker start
+    assert settings.load(_parse(["--kafka-opt", "delivery.report.only.error=TRUE"]), env={}).kafka_options() == {
+        "delivery.report.only.error": True}
+    with pytest.raises(SystemExit, match="true or false"):
+        settings.load(env={"PRODCAT_KAFKA__DELIVERY_REPORT_ONLY_ERROR": "no"})
+
+
 def test_cuda_options_from_env_or_flag_reach_a_worker_process_intact(tmp_path):
     from prodcat.stack import LocalStack
 
