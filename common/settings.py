@@ -54,7 +54,7 @@ class Settings:
     kafka: tuple[tuple[str, str], ...] = ()  # extra librdkafka options, passed through
 
     def kafka_options(self) -> dict[str, str | bool]:
-        return {k: v == "true" if k in KAFKA_CLIENT_BOOLS else v for k, v in self.kafka}
+        return {k: v.lower() == "true" if k in KAFKA_CLIENT_BOOLS else v for k, v in self.kafka}
 
 
 _SIMPLE = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("image_policy", "kafka")}
@@ -100,10 +100,8 @@ def load(args: argparse.Namespace | None = None, env: dict | None = None, **over
             raise SystemExit(f"--kafka-opt wants KEY=VALUE, got {opt!r}")
         kafka[key.strip()] = value.strip()
     for key in KAFKA_CLIENT_BOOLS:
-        if key in kafka:
-            if kafka[key].lower() not in ("true", "false"):
-                raise SystemExit(f"Kafka option {key} wants true or false, got {kafka[key]!r}")
-            kafka[key] = kafka[key].lower()
+        if key in kafka and kafka[key].lower() not in ("true", "false"):
+            raise SystemExit(f"Kafka option {key} wants true or false, got {kafka[key]!r}")
     values["image_policy"] = dataclasses.replace(base.image_policy, **policy)
     values["kafka"] = tuple(sorted(kafka.items()))
     values.update(overrides)

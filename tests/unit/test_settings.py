@@ -47,6 +47,9 @@ def test_kafka_options_the_python_client_types_reach_it_as_booleans():
     Producer(conf)  # the string "false" here was a TypeError at worker start
     assert settings.load(_parse(["--kafka-opt", "delivery.report.only.error=TRUE"]), env={}).kafka_options() == {
         "delivery.report.only.error": True}
+    # settings given in code (LocalStack's overrides) skip load's check: the value's case still does not matter
+    assert settings.load(env={}, kafka=(("delivery.report.only.error", "True"),)).kafka_options() == {
+        "delivery.report.only.error": True}
     with pytest.raises(SystemExit, match="true or false"):
         settings.load(env={"PRODCAT_KAFKA__DELIVERY_REPORT_ONLY_ERROR": "no"})
 
