@@ -61,12 +61,27 @@ _SIMPLE = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("im
 _POLICY = {f.name: f for f in dataclasses.fields(FetchPolicy)}
 
 
-def _convert(raw: str, default):
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(raw: str, default, source: str):
+    """The raw string as the default's type; anything else stops the process with one line naming `source`
+    (the env var or flag it came from) — a typo must not become a Python traceback, or silently `False`."""
     if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise SystemExit(f"{source} wants one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+        return word in _TRUE
     if isinstance(default, tuple):
         return tuple(x.strip() for x in raw.split(",") if x.strip())
-    return type(default)(raw)
+    try:
+        return type(default)(raw)
+    except ValueError:
+        raise SystemExit(f"{source} wants {'an integer' if isinstance(default, int) else 'a number'}, got {raw!r}") from None
+
+
+def _source(flags: dict, flag: str, env_var: str) -> str:
+    return f"--{flag.replace('_', '-')}" if flags.get(flag) is not None else env_var
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,14 +100,16 @@ def load(args: argparse.Namespace | None = None, env: dict | None = None, **over
     base = Settings()
     values: dict = {}
     for name in _SIMPLE:
-        raw = flags.get(name) or env.get(f"{ENV_PREFIX}{name.upper()}")
+        var = f"{ENV_PREFIX}{name.upper()}"
+        raw = flags.get(name) or env.get(var)
         if raw is not None:
-            values[name] = _convert(str(raw), getattr(base, name))
+            values[name] = _convert(str(raw), getattr(base, name), _source(flags, name, var))
     policy: dict = {}
     for name in _POLICY:
-        raw = flags.get(f"image_{name}") or env.get(f"{ENV_PREFIX}IMAGE_{name.upper()}")
+        var = f"{ENV_PREFIX}IMAGE_{name.upper()}"
+        raw = flags.get(f"image_{name}") or env.get(var)
         if raw is not None:
-            policy[name] = _convert(str(raw), getattr(base.image_policy, name))
+            policy[name] = _convert(str(raw), getattr(base.image_policy, name), _source(flags, f"image_{name}", var))
     kafka = {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(KAFKA_ENV_PREFIX)}
     for opt in flags.get("kafka_opt") or []:
         key, sep, value = opt.partition("=")

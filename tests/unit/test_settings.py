@@ -36,6 +36,21 @@ def test_bad_kafka_opt_is_a_clear_error():
         settings.load(_parse(["--kafka-opt", "nonsense"]), env={})
 
 
+@pytest.mark.parametrize("env, argv, message", [
+    ({"PRODCAT_MAX_BATCH": "32x"}, [], "PRODCAT_MAX_BATCH wants an integer, got '32x'"),
+    ({}, ["--max-delay-ms", "ten"], "--max-delay-ms wants a number, got 'ten'"),
+    ({"PRODCAT_IMAGE_MAX_BYTES": "10MB"}, [], "PRODCAT_IMAGE_MAX_BYTES wants an integer"),
+    # a typo in a yes/no setting was read as "no": here it would quietly keep private addresses refused
+    ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "ture"}, [], "PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES wants one of"),
+    ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "true"}, ["--image-allow-private-addresses", "maybe"],
+     "--image-allow-private-addresses wants one of"),
+])
+def test_a_setting_of_the_wrong_type_stops_the_process_with_one_line_naming_it(env, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        settings.load(_parse(argv), env=env)
+    assert settings.load(env={"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "Off"}).image_policy.allow_private_addresses is False
+
+
 def test_kafka_options_the_python_client_types_reach_it_as_booleans():
     from confluent_kafka import Producer
 
