@@ -81,7 +81,8 @@ def _convert(raw: str, default, source: str):
 
 
 def _source(flags: dict, flag: str, env_var: str) -> str:
-    return f"--{flag.replace('_', '-')}" if flags.get(flag) is not None else env_var
+    """Where load took a value from: the flag when one was given (it wins), else the env var."""
+    return f"--{flag.replace('_', '-')}" if flags.get(flag) else env_var
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
