@@ -80,9 +80,13 @@ def _convert(raw: str, default, source: str):
         raise SystemExit(f"{source} wants {'an integer' if isinstance(default, int) else 'a number'}, got {raw!r}") from None
 
 
-def _source(flags: dict, flag: str, env_var: str) -> str:
-    """Where load took a value from: the flag when one was given (it wins), else the env var."""
-    return f"--{flag.replace('_', '-')}" if flags.get(flag) else env_var
+def _read(flags: dict, env, flag: str, env_var: str, default):
+    """The flag's value, else the env var's, as the default's type; None when neither is given."""
+    if flags.get(flag):
+        return _convert(str(flags[flag]), default, f"--{flag.replace('_', '-')}")
+    if env.get(env_var) is not None:
+        return _convert(str(env[env_var]), default, env_var)
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,16 +105,14 @@ def load(args: argparse.Namespace | None = None, env: dict | None = None, **over
     base = Settings()
     values: dict = {}
     for name in _SIMPLE:
-        var = f"{ENV_PREFIX}{name.upper()}"
-        raw = flags.get(name) or env.get(var)
-        if raw is not None:
-            values[name] = _convert(str(raw), getattr(base, name), _source(flags, name, var))
+        value = _read(flags, env, name, f"{ENV_PREFIX}{name.upper()}", getattr(base, name))
+        if value is not None:
+            values[name] = value
     policy: dict = {}
     for name in _POLICY:
-        var = f"{ENV_PREFIX}IMAGE_{name.upper()}"
-        raw = flags.get(f"image_{name}") or env.get(var)
-        if raw is not None:
-            policy[name] = _convert(str(raw), getattr(base.image_policy, name), _source(flags, f"image_{name}", var))
+        value = _read(flags, env, f"image_{name}", f"{ENV_PREFIX}IMAGE_{name.upper()}", getattr(base.image_policy, name))
+        if value is not None:
+            policy[name] = value
     kafka = {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(KAFKA_ENV_PREFIX)}
     for opt in flags.get("kafka_opt") or []:
         key, sep, value = opt.partition("=")
