@@ -80,13 +80,27 @@ def _convert(raw: str, default, source: str):
         raise SystemExit(f"{source} wants {'an integer' if isinstance(default, int) else 'a number'}, got {raw!r}") from None
 
 
+# numbers are never negative; these are also never 0 (a 0-item batch or 0 attempts would fail deep in a component at
+# start, or dead-letter every event untried); the metrics port is a TCP port
+_AT_LEAST_ONE = {"max_batch", "poll_batch", "max_attempts", "session_timeout_ms", "image_max_bytes", "image_max_pixels",
+                 "image_max_side"}
+_MOST = {"metrics_port": 65535}
+
+
 def _read(flags: dict, env, flag: str, env_var: str, default):
-    """The flag's value, else the env var's, as the default's type; None when neither is given."""
+    """The flag's value, else the env var's, as the default's type and in its range; None when neither is given."""
     if flags.get(flag):
-        return _convert(str(flags[flag]), default, f"--{flag.replace('_', '-')}")
-    if env.get(env_var) is not None:
-        return _convert(str(env[env_var]), default, env_var)
-    return None
+        raw, source = str(flags[flag]), f"--{flag.replace('_', '-')}"
+    elif env.get(env_var) is not None:
+        raw, source = str(env[env_var]), env_var
+    else:
+        return None
+    value = _convert(raw, default, source)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = (1 if flag in _AT_LEAST_ONE else 0), _MOST.get(flag)
+        if value < low or (high is not None and value > high):
+            raise SystemExit(f"{source} wants {f'{low}–{high}' if high else f'a value ≥ {low}'}, got {raw!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -44,11 +44,16 @@ def test_bad_kafka_opt_is_a_clear_error():
     ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "ture"}, [], "PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES wants one of"),
     ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "true"}, ["--image-allow-private-addresses", "maybe"],
      "--image-allow-private-addresses wants one of"),
+    # the right type, out of range: a 0-item batch stopped the inference worker with BatchQueue's traceback
+    ({"PRODCAT_MAX_BATCH": "0"}, [], "PRODCAT_MAX_BATCH wants a value ≥ 1, got '0'"),
+    ({}, ["--max-delay-ms", "-5"], "--max-delay-ms wants a value ≥ 0, got '-5'"),
+    ({"PRODCAT_METRICS_PORT": "70000"}, [], "PRODCAT_METRICS_PORT wants 0–65535, got '70000'"),
 ])
 def test_a_setting_of_the_wrong_type_stops_the_process_with_one_line_naming_it(env, argv, message):
     with pytest.raises(SystemExit, match=message):
         settings.load(_parse(argv), env=env)
     assert settings.load(env={"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "Off"}).image_policy.allow_private_addresses is False
+    assert settings.load(env={"PRODCAT_METRICS_PORT": "0", "PRODCAT_MAX_DELAY_MS": "0"}).max_delay_ms == 0.0
 
 
 def test_kafka_options_the_python_client_types_reach_it_as_booleans():
