@@ -22,6 +22,7 @@ import numpy as np
 
 from common import openvino_session, runtime
 from common.images import IMAGE_SHAPE
+from common.settings import key_values
 from common.tokenize import Tokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,10 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 def provider_options(pairs: tuple[str, ...]) -> dict[str, str]:
     """("KEY=VALUE", …) → {KEY: VALUE}; a pair without '=' is a ModelError, not a silent default."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ModelError(f"provider option {pair!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
+    try:
+        return key_values(pairs, "a provider option")
+    except ValueError as e:
+        raise ModelError(str(e)) from None
 
 
 @dataclass

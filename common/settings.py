@@ -19,6 +19,18 @@ KAFKA_ENV_PREFIX = "PRODCAT_KAFKA__"
 KAFKA_CLIENT_BOOLS = ("delivery.report.only.error",)
 
 
+def key_values(pairs, what: str) -> dict[str, str]:
+    """("KEY=VALUE", …) → {KEY: VALUE}, both stripped: librdkafka's options and the CUDA provider's, passed through.
+    A pair without '=' or without a key is a ValueError naming `what`, not a silent default."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} wants KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def cache_dir() -> str:
     """Where training features and benchmark inputs are kept between runs: $PRODCAT_CACHE, else
     ~/.cache/prodcat (created on first use)."""
@@ -128,11 +140,10 @@ def load(args: argparse.Namespace | None = None, env: dict | None = None, **over
         if value is not None:
             policy[name] = value
     kafka = {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(KAFKA_ENV_PREFIX)}
-    for opt in flags.get("kafka_opt") or []:
-        key, sep, value = opt.partition("=")
-        if not sep:
-            raise SystemExit(f"--kafka-opt wants KEY=VALUE, got {opt!r}")
-        kafka[key.strip()] = value.strip()
+    try:
+        kafka.update(key_values(flags.get("kafka_opt") or [], "--kafka-opt"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     for key in KAFKA_CLIENT_BOOLS:
         if key in kafka and kafka[key].lower() not in ("true", "false"):
             raise SystemExit(f"Kafka option {key} wants true or false, got {kafka[key]!r}")

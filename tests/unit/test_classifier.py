@@ -82,7 +82,7 @@ def test_batch_buckets_and_cuda_options():
     assert batch_buckets(1) == (1,)
     assert provider_options(("cudnn_conv_algo_search=HEURISTIC", " arena_extend_strategy = kSameAsRequested ")) == {
         "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
-    with pytest.raises(ModelError, match="expected KEY=VALUE"):
+    with pytest.raises(ModelError, match="wants KEY=VALUE"):
         provider_options(("HEURISTIC",))
 
 

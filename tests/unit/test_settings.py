@@ -32,8 +32,10 @@ def test_settings_are_frozen():
 
 
 def test_bad_kafka_opt_is_a_clear_error():
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--kafka-opt wants KEY=VALUE, got 'nonsense'"):
         settings.load(_parse(["--kafka-opt", "nonsense"]), env={})
+    with pytest.raises(SystemExit, match="--kafka-opt wants KEY=VALUE, got '=1'"):  # no key: was passed on as ""
+        settings.load(_parse(["--kafka-opt", "=1"]), env={})
 
 
 @pytest.mark.parametrize("env, argv, message", [
