@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -74,24 +75,6 @@ _POLICY = {f.name: f for f in dataclasses.fields(FetchPolicy)}
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _convert(raw: str, default, source: str):
-    """The raw string as the default's type; anything else stops the process with one line naming `source`
-    (the env var or flag it came from) — a typo must not become a Python traceback, or silently `False`."""
-    if isinstance(default, bool):
-        word = raw.strip().lower()
-        if word not in _TRUE + _FALSE:
-            raise SystemExit(f"{source} wants one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
-        return word in _TRUE
-    if isinstance(default, tuple):
-        return tuple(x.strip() for x in raw.split(",") if x.strip())
-    try:
-        return type(default)(raw)
-    except ValueError:
-        raise SystemExit(f"{source} wants {'an integer' if isinstance(default, int) else 'a number'}, got {raw!r}") from None
-
-
 # numbers are never negative; these are also never 0 (a 0-item batch or 0 attempts would fail deep in a component at
 # start, or dead-letter every event untried); the metrics port is a TCP port
 _AT_LEAST_ONE = {"max_batch", "poll_batch", "max_attempts", "session_timeout_ms", "image_max_bytes", "image_max_pixels",
@@ -99,20 +82,53 @@ _AT_LEAST_ONE = {"max_batch", "poll_batch", "max_attempts", "session_timeout_ms"
 _MOST = {"metrics_port": 65535}
 
 
+def parse_number(text: str, kind=int, low=0, high=None):
+    """`text` as a finite `kind` in low..high, else a ValueError saying what was wanted — for settings and for the
+    commands' flags alike (a typo must not become a traceback, a division by zero, or an empty stage)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
+        span = f"{low}–{high}" if high is not None else f"≥ {low}"
+        raise ValueError(f"wants {'an integer' if kind is int else 'a number'} {span}, got {text!r}")
+    return value
+
+
+def number(kind=int, low=1):
+    """argparse type for a command's numeric flag: `--items 0` is a usage error naming the flag."""
+    def parse(text: str):
+        try:
+            return parse_number(text, kind, low)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def _read(flags: dict, env, flag: str, env_var: str, default):
-    """The flag's value, else the env var's, as the default's type and in its range; None when neither is given."""
+    """The flag's value, else the env var's, as the default's type (numbers in their range); None when neither is
+    given. Anything else stops the process with one line naming the env var or flag it came from."""
     if flags.get(flag):
         raw, source = str(flags[flag]), f"--{flag.replace('_', '-')}"
     elif env.get(env_var) is not None:
         raw, source = str(env[env_var]), env_var
     else:
         return None
-    value = _convert(raw, default, source)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        low, high = (1 if flag in _AT_LEAST_ONE else 0), _MOST.get(flag)
-        if value < low or (high is not None and value > high):
-            raise SystemExit(f"{source} wants {f'{low}–{high}' if high else f'a value ≥ {low}'}, got {raw!r}")
-    return value
+    if isinstance(default, bool):
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise SystemExit(f"{source} wants one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+        return word in _TRUE
+    if isinstance(default, tuple):
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+    if isinstance(default, (int, float)):
+        try:
+            return parse_number(raw, type(default), 1 if flag in _AT_LEAST_ONE else 0, _MOST.get(flag))
+        except ValueError as e:
+            raise SystemExit(f"{source} {e}") from None
+    return raw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,10 +22,10 @@ import numpy as np
 from common import schemas
 from common.images import FetchPolicy, decode_resize
 from common.model import LANE_THREAD_NAME, PRECISIONS, Classifier, Manifest, ModelError
-from common.settings import cache_dir
+from common.settings import cache_dir, number
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
-from prodcat.options import add_run_arguments
+from prodcat.options import add_run_arguments, sizes
 
 STAGES = ("preprocess", "tokenize", "inference", "broker", "e2e", "naive", "scaling")
 
@@ -34,15 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, preprocess_workers=1, max_delay_ms=10.0)
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
-    p.add_argument("--items", type=int, default=2000, help="events per end-to-end run")
-    p.add_argument("--repeats", type=int, default=3, help="full-load end-to-end and naive runs (the median counts); broker-stage and 1-thread inference runs (the cheapest counts)")
-    p.add_argument("--photos", type=int, default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
-    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--items", type=number(), default=2000, help="events per end-to-end run")
+    p.add_argument("--repeats", type=number(), default=3, help="full-load end-to-end and naive runs (the median counts); broker-stage and 1-thread inference runs (the cheapest counts)")
+    p.add_argument("--photos", type=number(), default=400, help="distinct 800×800 catalogue JPEGs to generate (cached)")
+    p.add_argument("--batches", type=sizes, default=[1, 8, 32, 64, 128], help="inference batch sizes, a comma list")
     p.add_argument("--providers", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="graph for inference, end to end and naive alike (auto = int8 on CPU when the model has one)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (inference stage and worker)")
-    p.add_argument("--seconds", type=float, default=8.0, help="duration of each timed stage loop")
+    p.add_argument("--threads", type=number(), default=2, help="ONNX Runtime intra-op threads (inference stage and worker)")
+    p.add_argument("--seconds", type=number(float, 0.5), default=8.0, help="duration of each timed stage loop")
     p.add_argument("--fp16", action="store_true",
                    help="also measure an fp16 copy of the fp32 graph (for GPUs) and its top-1 agreement with fp32")
 
@@ -652,7 +652,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"prodcat bench: {args.data_dir}/myntra not found", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     tokenizer = Tokenizer(manifest.tokenizer)
     log(f"model {manifest.model_version}; generating/reading {args.photos} catalogue JPEGs (800×800, q90)")
     inputs = catalogue_inputs(args.data_dir, args.photos)

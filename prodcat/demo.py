@@ -12,13 +12,14 @@ import numpy as np
 
 from common import schemas
 from common.model import Manifest, ModelError
+from common.settings import number
 from prodcat.options import add_run_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, preprocess_workers=2, max_delay_ms=20.0)  # --model: trained (fast) first if absent
-    p.add_argument("--count", type=int, default=2000, help="products to publish (test split, photos first)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every result")
+    p.add_argument("--count", type=number(), default=2000, help="products to publish (test split, photos first)")
+    p.add_argument("--timeout", type=number(float, 1), default=600.0, help="seconds to wait for every result")
 
 
 def log(msg: str) -> None:

@@ -11,6 +11,7 @@ from common import schemas
 from common.errors import ProcessingError
 from common.images import FetchPolicy
 from common.model import PRECISIONS, Classifier, ModelError
+from common.settings import number
 from preprocess_worker.transform import preprocess
 
 BATCH = 64
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="product events v1, one JSON object per line ('-' = stdin)")
     p.add_argument("--output", required=True, help="results v1 / error records, one per input line ('-' = stdout)")
     p.add_argument("--providers", default="auto")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=number(int, 0), default=2, help="ONNX Runtime intra-op threads (0 = the runtime's own pool)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = the int8 graph on CPU when the model has one")
     p.add_argument("--allow-private-addresses", action="store_true", help="let image_url point at loopback/private hosts")
 

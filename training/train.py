@@ -22,6 +22,7 @@ import torch
 from scipy import sparse
 from torch.nn import functional as F
 
+from common.settings import number
 from common.tokenize import Tokenizer, TokenizerConfig
 from training.data import DATASETS, DataError, Dataset, leaf_words_removed, load_dataset, load_table, singular
 from training.features import pooled_features, trunk_activations, tokenized
@@ -729,7 +730,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding the data sets")
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--fast", action="store_true", help="quick model (a few minutes on 2 cores): one photo view, fewer solver iterations, no int8 graph")
-    parser.add_argument("--epochs", type=int, help="cap the solvers at 25·N L-BFGS iterations (quick runs)")
+    parser.add_argument("--epochs", type=number(), help="cap the solvers at 25·N L-BFGS iterations (quick runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -39,5 +39,12 @@ def test_bad_command_lines_fail_clearly(tmp_path):
     assert missing.returncode == 2 and "manifest.json" in missing.stderr and "Traceback" not in missing.stderr
     unknown = prodcat("bench", "--stages", "warp-drive")
     assert unknown.returncode != 0 and "unknown stage" in unknown.stderr and "Traceback" not in unknown.stderr
+    # numbers out of range: usage errors naming the flag (`bench --items 0` was a ZeroDivisionError minutes in,
+    # `--batches 8,x` a ValueError traceback)
+    for args, flag in ((("bench", "--items", "0"), "--items: wants an integer ≥ 1, got '0'"),
+                       (("bench", "--batches", "8,x"), "--batches: wants a comma list of integers ≥ 1, got '8,x'"),
+                       (("demo", "--max-delay-ms", "-1"), "--max-delay-ms: wants a number ≥ 0, got '-1'")):
+        bad = prodcat(*args)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     listing = prodcat("--help")
     assert listing.returncode == 0 and all(c in listing.stdout for c in ("demo", "train", "evaluate", "predict", "bench"))

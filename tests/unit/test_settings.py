@@ -39,17 +39,18 @@ def test_bad_kafka_opt_is_a_clear_error():
 
 
 @pytest.mark.parametrize("env, argv, message", [
-    ({"PRODCAT_MAX_BATCH": "32x"}, [], "PRODCAT_MAX_BATCH wants an integer, got '32x'"),
-    ({}, ["--max-delay-ms", "ten"], "--max-delay-ms wants a number, got 'ten'"),
-    ({"PRODCAT_IMAGE_MAX_BYTES": "10MB"}, [], "PRODCAT_IMAGE_MAX_BYTES wants an integer"),
+    ({"PRODCAT_MAX_BATCH": "32x"}, [], "PRODCAT_MAX_BATCH wants an integer ≥ 1, got '32x'"),
+    ({}, ["--max-delay-ms", "ten"], "--max-delay-ms wants a number ≥ 0, got 'ten'"),
+    ({"PRODCAT_IMAGE_MAX_BYTES": "10MB"}, [], "PRODCAT_IMAGE_MAX_BYTES wants an integer ≥ 1, got '10MB'"),
     # a typo in a yes/no setting was read as "no": here it would quietly keep private addresses refused
     ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "ture"}, [], "PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES wants one of"),
     ({"PRODCAT_IMAGE_ALLOW_PRIVATE_ADDRESSES": "true"}, ["--image-allow-private-addresses", "maybe"],
      "--image-allow-private-addresses wants one of"),
     # the right type, out of range: a 0-item batch stopped the inference worker with BatchQueue's traceback
-    ({"PRODCAT_MAX_BATCH": "0"}, [], "PRODCAT_MAX_BATCH wants a value ≥ 1, got '0'"),
-    ({}, ["--max-delay-ms", "-5"], "--max-delay-ms wants a value ≥ 0, got '-5'"),
-    ({"PRODCAT_METRICS_PORT": "70000"}, [], "PRODCAT_METRICS_PORT wants 0–65535, got '70000'"),
+    ({"PRODCAT_MAX_BATCH": "0"}, [], "PRODCAT_MAX_BATCH wants an integer ≥ 1, got '0'"),
+    ({}, ["--max-delay-ms", "-5"], "--max-delay-ms wants a number ≥ 0, got '-5'"),
+    ({"PRODCAT_METRICS_PORT": "70000"}, [], "PRODCAT_METRICS_PORT wants an integer 0–65535, got '70000'"),
+    ({"PRODCAT_MODEL_RELOAD_S": "nan"}, [], "PRODCAT_MODEL_RELOAD_S wants a number ≥ 0, got 'nan'"),
 ])
 def test_a_setting_of_the_wrong_type_stops_the_process_with_one_line_naming_it(env, argv, message):
     with pytest.raises(SystemExit, match=message):
