@@ -50,6 +50,8 @@ def level_scores(items, pred_labels, parents: dict, levels) -> dict:
     """Accuracy / macro-F1 at every taxonomy level: a predicted leaf implies its parents."""
     out = {}
     depth = len(levels)
+    if any(len(it.path) != depth for it in items):  # data of another taxonomy's depth: only the leaves compare
+        return {levels[-1]: scores([it.label for it in items], pred_labels)}
 
     def root_first(leaf):
         path = [*reversed(parents.get(leaf, [])), leaf]
@@ -84,6 +86,10 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
     labels = list(man.labels)
     index = {lab: i for i, lab in enumerate(labels)}
     unknown = sorted({it.label for it in items} - set(index))
+    if len(unknown) == len({it.label for it in items}):
+        raise DataError(f"{ds.name}: none of its {split} labels ({', '.join(unknown[:3])}, …) is a category of model "
+                        f"{man.model_version} (trained on {man.raw.get('dataset', 'other data')}): every prediction "
+                        "would be wrong — evaluate a model on the data it was trained for")
     if unknown:
         log.warning("%d %s labels unknown to the model (always wrong): %s", len(unknown), split, unknown[:5])
     y = np.array([index.get(it.label, -1) for it in items])

@@ -291,3 +291,23 @@ def test_int8_graph_is_kept_only_when_validation_holds_and_served_on_cpu(trained
     p8, p32 = int8.run(ids, list(images)), fp32.run(ids, list(images))
     assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
     assert np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
+
+
+def test_evaluate_scores_data_of_another_taxonomy_by_leaf_and_refuses_data_it_shares_no_label_with(tiny_model, tmp_path,
+                                                                                                 capsys):
+    from tests.support.tiny_model import LABELS, VOCAB
+    from training.evaluate import add_arguments, evaluate, run
+
+    # one level (name, category) against the tiny model's three: the leaves compare (was an IndexError)
+    leaves = tmp_path / "leaves.csv"
+    leaves.write_text("name,category\n" + "".join(f"a {w} no {i},{label}\n" for i in range(30) for label, w in zip(LABELS, VOCAB)))
+    m = evaluate(tiny_model, csv_path=str(leaves), baselines=False)
+    assert list(m["levels"]) == ["articleType"] and m["levels"]["articleType"]["acc"] == 1.0
+    # no label in common: every prediction would be wrong — a clear error, not a report of zeros
+    other = tmp_path / "other.csv"
+    other.write_text("name,category\n" + "".join(f"item {i},{c}\n" for i in range(30) for c in ("Beauty", "Food")))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--model", tiny_model, "--csv", str(other), "--no-baselines"])) == 2
+    err = capsys.readouterr().err
+    assert "none of its test labels" in err and "Traceback" not in err
