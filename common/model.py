@@ -143,7 +143,14 @@ def choose_providers(preference: str, int8: bool = False) -> list[str]:
         wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *([openvino_session.PROVIDER] if int8 else []),
                   "CPUExecutionProvider"]
     else:  # any case, with or without the suffix: "cuda", "OpenVINO", "CPUExecutionProvider"
-        wanted = [p.strip().lower().removesuffix("executionprovider") for p in preference.split(",")] + ["cpu"]
+        wanted = [p.strip().lower().removesuffix("executionprovider") for p in preference.split(",") if p.strip()] + ["cpu"]
+        # a name no runtime knows is a typo ("cdua"): refused, where one merely not installed here falls back to CPU
+        # by design (one setting for CPU and GPU nodes; prodcat_model_info says which runs)
+        known = {p.lower().removesuffix("executionprovider") for p in ort.get_all_providers()} | {"openvino"}
+        typos = [p for p in wanted if p not in known]
+        if typos:
+            raise ModelError(f"unknown provider(s) {', '.join(map(repr, typos))}: 'auto' or a comma list of "
+                             "tensorrt, cuda, openvino, cpu (any ONNX Runtime provider name)")
         by_name = {p.lower().removesuffix("executionprovider"): p for p in available}
         wanted = [by_name[p] for p in wanted if p in by_name]
     return list(dict.fromkeys(p for p in wanted if p in available))

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import schemas
 from common.images import FetchPolicy, decode_resize
-from common.model import LANE_THREAD_NAME, PRECISIONS, Classifier, Manifest, ModelError
+from common.model import LANE_THREAD_NAME, PRECISIONS, Classifier, Manifest, ModelError, choose_providers
 from common.settings import cache_dir, number
 from common.tokenize import Tokenizer
 from preprocess_worker.transform import preprocess
@@ -647,6 +647,11 @@ def run(args: argparse.Namespace) -> int:
         manifest = Manifest.load(args.model)
     except ModelError as e:
         print(f"prodcat bench: {e} (build one with `prodcat train` or run `prodcat demo` first)", file=sys.stderr)
+        return 2
+    try:
+        choose_providers(args.providers)  # a typo fails here, not minutes in at the first stage that loads the model
+    except ModelError as e:
+        print(f"prodcat bench: {e}", file=sys.stderr)
         return 2
     if not os.path.isdir(os.path.join(args.data_dir, "myntra")):
         print(f"prodcat bench: {args.data_dir}/myntra not found", file=sys.stderr)

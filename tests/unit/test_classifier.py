@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common import openvino_session
-from common.model import Classifier, ModelError, batch_buckets, provider_options
+from common.model import Classifier, ModelError, batch_buckets, choose_providers, provider_options
 from tests.support.tiny_model import build_tiny_model, expected_category
 
 
@@ -75,6 +75,14 @@ def test_gpu_batches_are_padded_to_buckets_and_trimmed_back(model_dir):
     broken = padded.submit(ids[:2], [np.zeros((10, 10, 3), np.uint8), None])  # assembled on the lane: fails there
     with pytest.raises(ValueError):
         broken.result()
+
+
+def test_a_provider_name_no_runtime_knows_is_refused_one_not_installed_falls_back_to_cpu(model_dir):
+    # "cdua" ran on CPU without a word; "cuda" on a machine without one still does, by design (one setting for all nodes)
+    with pytest.raises(ModelError, match="unknown provider.*'cdua'"):
+        Classifier(model_dir, providers="cdua,cpu")
+    assert choose_providers("TensorRT, cuda,,CPUExecutionProvider")[-1] == "CPUExecutionProvider"
+    assert choose_providers("migraphx") == ["CPUExecutionProvider"]  # a real provider, not installed here
 
 
 def test_batch_buckets_and_cuda_options():
