@@ -64,6 +64,13 @@ def _field(obj: dict, key: str, kind: type | tuple, required: bool = False):
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise ProcessingError("BAD_FIELD_TYPE", f"field {key!r} must be {names}, got {type(value).__name__}")
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"); such a string is not Unicode text and cannot be
+            # encoded into a record, a Redis key or a dead letter — failing there stopped the worker, event after event
+            raise ProcessingError("NOT_UTF8", f"field {key!r} holds a lone surrogate escape, not Unicode text") from None
     return value
 
 

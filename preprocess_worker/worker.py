@@ -78,8 +78,7 @@ class PreprocessWorker:
         try:
             event = schemas.decode_event(msg.value(), self.max_event_bytes)
             product_id = event.product_id
-            record = self._preprocess_with_attempts(event, msg)
-            self._produce(self.settings.topic_tensors, record.encode(), msg.key())
+            self._produce(self.settings.topic_tensors, self._preprocess_with_attempts(event, msg), msg.key())
         except ProcessingError as e:
             self.dead_letter(msg, e, product_id)
 
@@ -98,12 +97,13 @@ class PreprocessWorker:
             log.info("vocabulary %08x → %08x", self.tokenizer.config.fingerprint, config.fingerprint)
             self.tokenizer = Tokenizer(config)
 
-    def _preprocess_with_attempts(self, event: schemas.ProductEvent, msg: Message):
-        """A bug or transient fault on one event is retried a bounded number of times, then dead-lettered."""
+    def _preprocess_with_attempts(self, event: schemas.ProductEvent, msg: Message) -> bytes:
+        """Event → encoded tensor record. A bug or transient fault on one event is retried a bounded number of times,
+        then dead-lettered: nothing one event holds may stop the worker (and the partition behind it)."""
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
                 return preprocess(event, self.tokenizer, self.settings.image_policy, event_time_of(event.event_time, msg),
-                                  msg.partition(), msg.offset(), WORKER)
+                                  msg.partition(), msg.offset(), WORKER).encode()
             except ProcessingError:
                 raise
             except Exception as e:  # noqa: BLE001 — anything unexpected must not stall the partition

@@ -48,6 +48,8 @@ def bad_events(tmp_dir: str) -> list[tuple[str, bytes, str]]:
     return [
         ("b-json", b"{this is not json", "BAD_JSON"),
         ("b-utf8", b'{"product_id": "x", "name": "\xff\xfe"}', "NOT_UTF8"),
+        # a lone surrogate escape is valid JSON but not text: encoding the tensor record failed and stopped the worker
+        ("b-surrogate", b'{"product_id": "s\\ud800", "name": "Blue Shirt"}', "NOT_UTF8"),
         ("b-array", b"[1,2,3]", "NOT_AN_OBJECT"),
         ("b-string", b'"just a string"', "NOT_AN_OBJECT"),
         ("b-null", b"null", "NOT_AN_OBJECT"),

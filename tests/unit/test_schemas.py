@@ -36,6 +36,8 @@ def test_event_round_trip():
     (json.dumps({"product_id": "a", "name": "x" * 5000}).encode(), "NAME_TOO_LONG"),
     (json.dumps({"product_id": "a" * 300, "name": "x"}).encode(), "BAD_PRODUCT_ID"),
     (b"[" * 100000 + b"]" * 100000, "BAD_JSON"),
+    (b'{"product_id": "a\\ud800", "name": "x"}', "NOT_UTF8"),  # valid JSON, not encodable: crashed the worker
+    (b'{"product_id": "a", "image_url": "file:///\\udcff.jpg"}', "NOT_UTF8"),
 ])
 def test_event_rejects_garbage_with_stable_code(payload, code):
     with pytest.raises(ProcessingError) as e:
