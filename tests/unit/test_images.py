@@ -1,5 +1,6 @@
 import base64
 import io
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -101,6 +102,27 @@ def test_file_url_limits(tmp_path):
     with pytest.raises(ProcessingError) as e:
         fetch_image(f"file://{tmp_path}/missing.jpg", FetchPolicy())
     assert e.value.code == "URL_FETCH_FAILED"
+
+
+def test_a_file_url_naming_a_fifo_or_device_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def fetch():
+        try:
+            fetch_image(f"file://{fifo}", FetchPolicy())
+        except ProcessingError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=fetch, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # the old open() waited for a writer: release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and outcome[0].code == "URL_FETCH_FAILED" and "not a regular file" in str(outcome[0])
+    with pytest.raises(ProcessingError, match="not a regular file"):
+        fetch_image("file:///dev/zero", FetchPolicy())
 
 
 @pytest.mark.parametrize("url, code", [
