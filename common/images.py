@@ -16,6 +16,7 @@ import ipaddress
 import os
 import socket
 import stat
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -114,7 +115,17 @@ def _check_host(host: str, port: int, policy: FetchPolicy) -> None:
 
 
 def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
+    """`policy.timeout_s` bounds the whole fetch (connects, redirects, body), not each socket read: a server that
+    trickles a byte now and then would otherwise hold the worker, and the partition behind it, for as long as it likes."""
     import http.client
+
+    deadline = time.monotonic() + policy.timeout_s
+
+    def time_left() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout
+        return left
 
     for _ in range(policy.max_redirects + 1):
         parsed = urllib.parse.urlsplit(url)
@@ -128,10 +139,12 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
         host = parsed.hostname or ""
         _check_host(host, port, policy)
         conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        conn = conn_cls(host, port, timeout=policy.timeout_s)
+        conn = conn_cls(host, port, timeout=time_left())
         try:
             path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
             conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
+            sock = conn.sock  # the response keeps reading it after getresponse() drops it from a closing connection
+            sock.settimeout(time_left())
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
@@ -144,12 +157,19 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise ProcessingError("IMAGE_TOO_LARGE", f"Content-Length {length} over {policy.max_bytes}")
-            data = resp.read(policy.max_bytes + 1)
-            if len(data) > policy.max_bytes:
+            chunks, size = [], 0
+            while size <= policy.max_bytes:
+                sock.settimeout(time_left())
+                chunk = resp.read1(min(1 << 16, policy.max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > policy.max_bytes:
                 raise ProcessingError("IMAGE_TOO_LARGE", f"body over {policy.max_bytes} bytes")
-            return data
+            return b"".join(chunks)
         except (socket.timeout, TimeoutError):
-            raise ProcessingError("URL_TIMEOUT", f"no answer from {host} within {policy.timeout_s}s") from None
+            raise ProcessingError("URL_TIMEOUT", f"{host} did not deliver the image within {policy.timeout_s}s") from None
         except (OSError, http.client.HTTPException) as e:
             raise ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}") from None
         finally:

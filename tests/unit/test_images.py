@@ -2,6 +2,7 @@ import base64
 import io
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -165,6 +166,13 @@ def http_server():
                 self.wfile.write(body)
             elif self.path == "/slow":
                 threading.Event().wait(3)
+            elif self.path == "/trickle":  # a byte every 0.2 s for 3 s: each read is quick, the whole fetch is not
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(15):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    threading.Event().wait(0.2)
             else:
                 self.send_response(404)
                 self.end_headers()
@@ -193,3 +201,8 @@ def test_http_fetch_redirects_and_limits(http_server):
         with pytest.raises(ProcessingError) as e:
             fetch_image(base + path, policy)
         assert e.value.code == code, path
+    # timeout_s bounds the whole fetch: a trickling body held the worker for as long as the server kept sending
+    start = time.monotonic()
+    with pytest.raises(ProcessingError, match="did not deliver the image within 1.0s") as e:
+        fetch_image(f"{base}/trickle", local)
+    assert e.value.code == "URL_TIMEOUT" and time.monotonic() - start < 2.5
