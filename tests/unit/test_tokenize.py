@@ -41,3 +41,14 @@ def test_encode_truncates_and_pad_fills():
 def test_fingerprint_follows_vocabulary():
     assert TokenizerConfig(vocab=("a",)).fingerprint == TokenizerConfig(vocab=("a",)).fingerprint
     assert TokenizerConfig(vocab=("a",)).fingerprint != TokenizerConfig(vocab=("b",)).fingerprint
+
+
+def test_a_hangul_word_longer_than_any_real_one_is_tagged_cut_to_its_first_characters():
+    # Okt's time grows with a word's length (1,000 characters: ~10 s of a preprocess worker for one name)
+    from common.tokenize import MAX_HANGUL_WORD
+
+    t = Tokenizer()
+    blob = "가나다라마바사" * 100
+    assert t.words(f"nike {blob} 운동화") == ["nike", *t.words(blob[:MAX_HANGUL_WORD]), "운동화"]
+    whole = ("콜라겐원단여성브라운동화" * 4)[:MAX_HANGUL_WORD]  # no longer than the cap: tagged whole
+    assert "".join(t.words(whole)) == whole
