@@ -85,8 +85,9 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
         raise DataError(f"{ds.name}: the {split} split is empty")
     labels = list(man.labels)
     index = {lab: i for i, lab in enumerate(labels)}
-    unknown = sorted({it.label for it in items} - set(index))
-    if len(unknown) == len({it.label for it in items}):
+    split_labels = {it.label for it in items}
+    unknown = sorted(split_labels - set(index))
+    if len(unknown) == len(split_labels):
         raise DataError(f"{ds.name}: none of its {split} labels ({', '.join(unknown[:3])}, …) is a category of model "
                         f"{man.model_version} (trained on {man.raw.get('dataset', 'other data')}): every prediction "
                         "would be wrong — evaluate a model on the data it was trained for")
@@ -97,7 +98,7 @@ def evaluate(model_dir, dataset=None, data_dir=None, csv_path=None, split="test"
     tok = clf.tokenizer
     words = [tok.words(it.name) for it in items]
     ids = [np.asarray([tok.token_id(w) for w in ws[: tok.config.max_tokens]], np.int32) for ws in words]
-    label_words = {lab: tok.words(lab) for lab in {it.label for it in items}}
+    label_words = {lab: tok.words(lab) for lab in split_labels}
     no_leaf_words = [leaf_words_removed(ws, it.label, label_words[it.label]) for ws, it in zip(words, items)]
     ids_no_leaf = [np.asarray([tok.token_id(w) for w in ws[: tok.config.max_tokens]], np.int32) for ws in no_leaf_words]
     images = [read_image(it.image) if it.image else None for it in items]
