@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import io
 import ipaddress
 import os
@@ -36,6 +37,9 @@ DECODE_MIN_SIZE = 200
 
 cv2.setNumThreads(1)  # one image at a time per process: workers scale by replicas, not threads
 Image.MAX_IMAGE_PIXELS = None  # our own limit below applies first, with a clear error code
+# getaddrinfo cannot be given a timeout: it runs here and is waited for against the fetch's deadline (a few threads,
+# started on first use; one stuck on a dead resolver ends with the resolver's own timeout)
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
 
 
 @dataclass(frozen=True)
@@ -97,21 +101,42 @@ def _read_file(path: str, policy: FetchPolicy) -> bytes:
     return data
 
 
-def _check_host(host: str, port: int, policy: FetchPolicy) -> None:
+def _check_host(host: str, port: int, policy: FetchPolicy, timeout_s: float) -> list[tuple[str, int]]:
+    """The addresses to connect to, resolved once: the connection uses these very addresses, so a name that
+    resolves to a public address for the check and to a private one for the connection (DNS rebinding) cannot
+    reach past the check; the lookup is bounded by the fetch's deadline (the system resolver's own can be ~30 s)."""
     if not host:
         raise ProcessingError("URL_INVALID", "URL has no host")
     if policy.allowed_hosts and host.lower() not in policy.allowed_hosts:
         raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} is not in the allowed hosts")
-    if policy.allow_private_addresses:
-        return
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, proto=socket.IPPROTO_TCP)
     try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        infos = lookup.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        lookup.cancel()  # if it is still queued behind stuck lookups
+        raise socket.timeout from None
     except (socket.gaierror, UnicodeError) as e:
         raise ProcessingError("URL_FETCH_FAILED", f"cannot resolve {host}: {e}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not addr.is_global or addr.is_multicast:
-            raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} resolves to non-public address {addr}")
+    addresses = [(info[4][0], info[4][1]) for info in infos]
+    if not policy.allow_private_addresses:
+        for ip, _ in addresses:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+            if not addr.is_global or addr.is_multicast:
+                raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} resolves to non-public address {addr}")
+    return addresses
+
+
+def _connect_to(addresses: list[tuple[str, int]]):
+    """http.client's connect hook, pinned to the checked addresses (tried in order, as create_connection does)."""
+    def create_connection(_host_port, timeout, source_address=None):
+        error: OSError = OSError("no address")
+        for address in addresses:
+            try:
+                return socket.create_connection(address, timeout, source_address)
+            except OSError as e:
+                error = e
+        raise error
+    return create_connection
 
 
 def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
@@ -137,10 +162,10 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
         except ValueError:
             raise ProcessingError("URL_INVALID", f"bad port in {url!r}") from None
         host = parsed.hostname or ""
-        _check_host(host, port, policy)
         conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        conn = conn_cls(host, port, timeout=time_left())
+        conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
         try:
+            conn._create_connection = _connect_to(_check_host(host, port, policy, time_left()))
             path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
             conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
             sock = conn.sock  # the response keeps reading it after getresponse() drops it from a closing connection

@@ -1,6 +1,8 @@
 import base64
 import io
+import ipaddress
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -206,3 +208,38 @@ def test_http_fetch_redirects_and_limits(http_server):
     with pytest.raises(ProcessingError, match="did not deliver the image within 1.0s") as e:
         fetch_image(f"{base}/trickle", local)
     assert e.value.code == "URL_TIMEOUT" and time.monotonic() - start < 2.5
+
+
+def test_a_name_is_resolved_once_so_rebinding_cannot_reach_past_the_address_check(http_server, monkeypatch):
+    """DNS rebinding: the name resolves to a public address for the check, to loopback for the connection. A
+    resolver that answers so is stood in for here (no DNS server of ours can be put in front of the system's)."""
+    base, _ = http_server
+    port = int(base.rsplit(":", 1)[1])
+    answers = iter(["198.51.100.7", "127.0.0.1"])  # 198.51.100.7: a public-looking address nothing answers on here
+    real_getaddrinfo = socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host == "images.example.com":
+            return real_getaddrinfo(next(answers, "127.0.0.1"), *args, **kwargs)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(ipaddress.IPv4Address, "is_global", property(lambda a: not a.is_loopback))
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(f"http://images.example.com:{port}/img", FetchPolicy(timeout_s=1.0))
+    assert e.value.code in ("URL_TIMEOUT", "URL_FETCH_FAILED")  # the checked address, which does not answer
+
+
+def test_a_stuck_name_lookup_is_bounded_by_the_fetch_timeout(monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def stuck(host, *args, **kwargs):
+        if host == "images.example.com":
+            threading.Event().wait(5)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    start = time.monotonic()
+    with pytest.raises(ProcessingError, match="within 0.5s") as e:
+        fetch_image("http://images.example.com/a.jpg", FetchPolicy(timeout_s=0.5))
+    assert e.value.code == "URL_TIMEOUT" and time.monotonic() - start < 3
