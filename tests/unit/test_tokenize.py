@@ -52,3 +52,21 @@ def test_a_hangul_word_longer_than_any_real_one_is_tagged_cut_to_its_first_chara
     assert t.words(f"nike {blob} 운동화") == ["nike", *t.words(blob[:MAX_HANGUL_WORD]), "운동화"]
     whole = ("콜라겐원단여성브라운동화" * 4)[:MAX_HANGUL_WORD]  # no longer than the cap: tagged whole
     assert "".join(t.words(whole)) == whole
+
+
+def test_encode_tags_no_more_of_a_long_name_than_its_first_max_tokens_need():
+    # each Hangul run is a tagger call: a 1,000-character name of 250 runs cost 250 calls for 32 kept tokens
+    t = Tokenizer(TokenizerConfig(max_tokens=8))
+    tagged: list[str] = []
+    morphemes = t._morphemes
+    t._morphemes = lambda run: tagged.append(run) or morphemes(run)
+    many_runs = "가방 a " * 250
+    many_words = "나이키 운동화 " * 150
+    for name in (many_runs, many_words, "남성 반팔 티셔츠 blue 100 cotton 여름 신상"):
+        assert t.words(name, 8) == t.words(name)[:8]
+    tagged.clear()
+    t.encode(many_runs)
+    assert len(tagged) <= 8
+    tagged.clear()
+    t.encode(many_words)
+    assert [len(run.split()) for run in tagged] == [8]  # the one run, cut to the words that can be kept
