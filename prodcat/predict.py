@@ -20,7 +20,7 @@ BATCH = 64
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (model.onnx + manifest.json)")
     p.add_argument("--input", required=True, help="product events v1, one JSON object per line ('-' = stdin)")
-    p.add_argument("--output", required=True, help="results v1 / error records, one per input line ('-' = stdout)")
+    p.add_argument("--output", required=True, help="results v1 / error records, one per input line ('-' = stdout); exit 1 when every line is an error")
     p.add_argument("--providers", default="auto")
     p.add_argument("--threads", type=number(int, 0), default=2, help="ONNX Runtime intra-op threads (0 = the runtime's own pool)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto = the int8 graph on CPU when the model has one")
@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
                 _flush(pending, clf, args.input, dst, counts)
         _flush(pending, clf, args.input, dst, counts)
     print(f"prodcat predict: {counts['results']} results, {counts['errors']} errors → {args.output}", file=sys.stderr)
+    # some bad lines among good ones are the input's business (their error records say why); none good is a failure
+    if counts["errors"] and not counts["results"]:
+        print(f"prodcat predict: no line of {args.input} could be classified", file=sys.stderr)
+        return 1
     return 0
 
 

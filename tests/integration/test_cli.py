@@ -32,6 +32,11 @@ def test_predict_writes_one_result_or_error_per_line(tiny_model, sample_jpegs, t
     assert rows[2]["category"] == "Shoes" and rows[2]["category_path"][0] == "Shoes"
     assert (rows[1]["error"], rows[3]["error"], rows[4]["error"]) == ("BAD_JSON", "URL_FETCH_FAILED", "NOTHING_TO_CLASSIFY")
     assert "2 results, 3 errors" in done.stderr
+    # a file of nothing but bad lines: its error records, and a failure status a script can see
+    src.write_text("\n".join(lines[1::2]) + "\n")
+    failed = prodcat("predict", "--model", tiny_model, "--input", str(src), "--output", str(out))
+    assert failed.returncode == 1 and "no line of" in failed.stderr
+    assert [json.loads(line)["error"] for line in out.read_text().splitlines()] == ["BAD_JSON", "URL_FETCH_FAILED", "NOTHING_TO_CLASSIFY"]
 
 
 def test_bad_command_lines_fail_clearly(tmp_path):
