@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import redis
 
 from common import schemas
 from common.errors import SinkError
+
+
+@dataclass
+class SinkWrite:
+    duplicates: int = 0  # results that rewrote the same source event (redeliveries)
+    rejected: dict[int, str] = field(default_factory=dict)  # result index → why Redis refused that key, for good
 
 
 class RedisSink:
@@ -18,27 +25,42 @@ class RedisSink:
     def key(self, product_id: str) -> str:
         return f"{self.key_prefix}{product_id}"
 
-    def write(self, results: list[dict]) -> int:
-        """Write every result in one round trip; returns how many rewrote the same source event (redeliveries)."""
+    def write(self, results: list[dict]) -> SinkWrite:
+        """Every result in one round trip. A key holding another type (WRONGTYPE) refuses its result for good:
+        retrying the batch would meet it again and stall the partition, so that result alone is reported
+        rejected. Any other error reply (e.g. OOM under maxmemory) is about Redis as a whole: the batch is retried."""
+        out = SinkWrite()
         if not results:
-            return 0
+            return out
         pipe = self.client.pipeline(transaction=False)
         for res in results:
             key = self.key(res["product_id"])
             pipe.hget(key, "source")
             pipe.hset(key, mapping=schemas.result_to_redis_hash(res))
         try:
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as e:
             raise SinkError(f"redis: {e}") from None
-        previous_sources = replies[0::2]
-        return sum(
-            1 for res, prev in zip(results, previous_sources)
-            if prev is not None and json.loads(prev) == res["source"]
-        )
+        for i, (res, previous, written) in enumerate(zip(results, replies[0::2], replies[1::2])):
+            for reply in (previous, written):
+                if isinstance(reply, redis.ResponseError):
+                    if not str(reply).startswith("WRONGTYPE"):
+                        raise SinkError(f"redis: {reply}")
+                    out.rejected[i] = f"redis refused key {self.key(res['product_id'])!r}: {reply}"
+            if i not in out.rejected and _same_source(previous, res["source"]):
+                out.duplicates += 1
+        return out
 
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
+
+
+def _same_source(previous: bytes | None, source: dict) -> bool:
+    """Whether the hash already held this very source event; a value another writer left there is not."""
+    try:
+        return previous is not None and json.loads(previous) == source
+    except ValueError:  # not JSON (UnicodeDecodeError is one): written by something else
+        return False

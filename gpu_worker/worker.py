@@ -24,7 +24,7 @@ from common.model import Classifier, PendingRun
 from common.settings import Settings
 from gpu_worker.batcher import BatchQueue
 from gpu_worker.model_holder import ModelHolder
-from gpu_worker.sink import RedisSink
+from gpu_worker.sink import RedisSink, SinkWrite
 
 WORKER = "inference"
 log = logging.getLogger(WORKER)
@@ -103,7 +103,7 @@ class InferenceWorker:
         return StartedBatch(messages, runs)
 
     def finish(self, batch: StartedBatch) -> None:
-        results = []
+        results: list[tuple[Message, dict]] = []
         for clf, items, run in batch.runs:
             for (msg, rec), outcome in zip(items, self.infer(clf, [rec for _, rec in items], run)):  # 4. results
                 if isinstance(outcome, ProcessingError):
@@ -111,17 +111,28 @@ class InferenceWorker:
                     continue
                 res = self._result(rec, outcome, clf.version)
                 self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), msg.key())  # 5. produce
-                results.append(res)
-        duplicates = []
-        if self.checkpoint.commit(batch.messages, write_sink=lambda: duplicates.append(self.sink.write(results))):  # 6
+                results.append((msg, res))
+        written: list[SinkWrite] = []
+        if self.checkpoint.commit(batch.messages, write_sink=lambda: written.append(self._write_sink(results))):  # 6
             done = time.time()
-            for res in results:
+            for _, res in results:
                 metrics.E2E_SECONDS.labels(WORKER).observe(done - res["event_time"])
             metrics.EVENTS_OUT.labels(WORKER).inc(len(batch.messages))
-            metrics.DUPLICATES.labels(WORKER).inc(duplicates[0] if duplicates else 0)
+            metrics.DUPLICATES.labels(WORKER).inc(written[0].duplicates if written else 0)
         else:
             # the batch was rewound: the later ones are consumed again with it, so none may commit past it
             kafka.rewind(self.consumer, batch.messages + self._take_uncommitted())
+
+    def _write_sink(self, results: list[tuple[Message, dict]]) -> SinkWrite:
+        """Checkpoint step 2. A result Redis refuses for good (its key holds another type) is dead-lettered, and
+        the dead letters are delivered before step 3 commits; retrying would stall the partition on it."""
+        written = self.sink.write([res for _, res in results])
+        for i, reason in written.rejected.items():
+            msg, res = results[i]
+            self.dead_letter(msg, ProcessingError("SINK_REJECTED", reason), res["product_id"])
+        if written.rejected:
+            self.deliveries.flush()
+        return written
 
     def _take_uncommitted(self) -> list[Message]:
         """Every started and pending record, oldest first; the worker then holds none."""

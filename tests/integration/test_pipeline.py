@@ -69,6 +69,28 @@ def test_bad_events_dead_letter_with_their_reason_and_good_ones_are_classified(s
     assert 'prodcat_dead_letters_total{code="BAD_JSON",worker="preprocess"} 2.0' in metrics  # b-json, b-empty
 
 
+def test_a_redis_key_another_writer_left_does_not_stall_or_stop_the_inference_worker(stack, tiny_model, sample_jpegs):
+    """Keys under the prefix that prodcat did not write as it does: one holds a string (Redis refuses HGET/HSET on
+    it with WRONGTYPE for good — retrying the batch stalled the partition), one a hash whose `source` is not JSON
+    (its duplicate check raised and stopped the worker). The first is dead-lettered, the second rewritten."""
+    workers = _start_both(stack, tiny_model)
+    events = good_events(40, sample_jpegs)
+    keys = [k for k, _, _ in events]
+    r, prefix = stack.redis(), stack.settings.redis_key_prefix
+    r.set(f"{prefix}{keys[5]}", "a string, not a hash")
+    r.hset(f"{prefix}{keys[6]}", mapping={"source": "partition 3, offset 12"})
+    publish(stack.settings, [(k, v) for k, v, _ in events])
+    stored = [k for k in keys if k != keys[5]]
+    results = wait_for_outcomes(stack, stored, timeout_s=60)
+    assert len(results) == len(stored) and results[keys[6]]["category"] == events[6][2]
+    dead = {m.key().decode(): schemas.decode_dead_letter(m.value()) for m in read_topic(stack.settings, stack.settings.topic_dlq)}
+    assert list(dead) == [keys[5]] and dead[keys[5]]["error_code"] == "SINK_REJECTED" and "WRONGTYPE" in dead[keys[5]]["reason"]
+    assert dead[keys[5]]["stage"] == "inference" and dead[keys[5]]["product_id"] == keys[5]
+    on_topic = {m.key().decode() for m in read_topic(stack.settings, stack.settings.topic_results)}
+    assert on_topic == set(keys)  # its result was produced before Redis refused it
+    assert all(w.alive() for w in workers)
+
+
 def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):
     pre, inf = _start_both(stack, tiny_model)
     events = good_events(1500, sample_jpegs)
