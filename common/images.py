@@ -241,12 +241,24 @@ def _decode_with_pillow(data: bytes, policy: FetchPolicy) -> np.ndarray:
         im = Image.open(io.BytesIO(data))
         _check_dimensions(*im.size, policy)
         im.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
-        im = im.convert("RGB")
+        im = _to_rgb(im)
     except ProcessingError:
         raise
     except Exception as e:  # Pillow raises many types for corrupt input
         raise ProcessingError("IMAGE_UNDECODABLE", f"cannot decode image: {type(e).__name__}: {e}") from None
     return _resize(np.asarray(im, dtype=np.uint8))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Pillow's convert("RGB") drops alpha, leaving whatever a transparent pixel holds (often black), and clips
+    16-bit grey at 255 (a white picture). A cutout on a transparent background goes on white, as catalogue photos
+    (the training photos) are shot; 16-bit grey keeps its top 8 bits."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _resize(rgb: np.ndarray) -> np.ndarray:

@@ -243,3 +243,26 @@ def test_a_stuck_name_lookup_is_bounded_by_the_fetch_timeout(monkeypatch):
     with pytest.raises(ProcessingError, match="within 0.5s") as e:
         fetch_image("http://images.example.com/a.jpg", FetchPolicy(timeout_s=0.5))
     assert e.value.code == "URL_TIMEOUT" and time.monotonic() - start < 3
+
+
+def test_a_cutout_on_a_transparent_background_goes_on_white_and_16_bit_grey_keeps_its_tones():
+    # catalogue photos (and the training photos) are shot on white; a PNG cutout's transparent pixels often hold
+    # black, and dropping alpha put the product on black: photo-only accuracy 0.975 → 0.9375 on 400 Myntra
+    # photos cut out so (0.985 as JPEGs)
+    rgba = np.zeros((300, 300, 4), np.uint8)
+    rgba[100:200, 100:200] = (200, 30, 30, 255)
+    for mode, pixels in (("RGBA", rgba), ("LA", rgba[..., [0, 3]])):
+        out = decode_resize(_png(Image.fromarray(pixels, mode)))
+        assert out[5, 5].tolist() == [255, 255, 255], mode
+        assert abs(int(out[112, 112, 0]) - 200) <= 2, mode
+    palette = Image.fromarray(rgba[..., :3]).convert("P")
+    out = decode_resize(_png(palette, transparency=palette.getpixel((0, 0))))
+    assert out[5, 5].tolist() == [255, 255, 255]
+    grey16 = Image.fromarray(np.full((50, 50), 40_000, np.uint16))  # convert("RGB") clipped it to 255: white
+    assert decode_resize(_png(grey16))[10, 10].tolist() == [156, 156, 156]
+
+
+def _png(im: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **options)
+    return buf.getvalue()
