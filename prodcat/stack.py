@@ -10,6 +10,7 @@ Used by the demo, the benchmark and the integration / fault / deploy tests.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -31,19 +33,34 @@ from common.settings import Settings
 WORKER_MODULES = {"preprocess": "preprocess_worker", "inference": "gpu_worker"}
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: each socket stays bound until all are picked (bind to port 0 twice in a row may give
+    the same port, and a Redis meant for a port the broker already had would leave the stack talking to Tansu)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def wait_for_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None,
+                  answers: Callable[[], bool] | None = None, log_path: str | None = None) -> None:
+    """Until `proc` listens on `port` — and, with `answers`, until it answers as the service it is meant to be:
+    a port that only accepts connections may belong to another process."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+            tail = ""
+            if log_path and os.path.exists(log_path):
+                with open(log_path, errors="replace") as f:
+                    tail = ": " + " | ".join(f.read().strip().splitlines()[-3:])
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}{tail}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(("127.0.0.1", port)) == 0 and (answers is None or answers()):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
@@ -133,8 +150,7 @@ class LocalStack:
         self.broker: subprocess.Popen | None = None
         self.redis_proc: subprocess.Popen | None = None
         self.workers: list[WorkerProcess] = []
-        self.broker_port = free_port()
-        self.redis_port = free_port()
+        self.broker_port, self.redis_port = free_ports(2)
         self.settings: Settings = settings_mod.load(
             env={},
             bootstrap_servers=f"127.0.0.1:{self.broker_port}",
@@ -169,7 +185,16 @@ class LocalStack:
              "--daemonize", "no", "--dir", self.workdir],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for_port(self.redis_port, proc=self.redis_proc)
+        wait_for_port(self.redis_port, proc=self.redis_proc, answers=self._redis_answers,
+                      log_path=os.path.join(self.workdir, "redis.log"))
+
+    def _redis_answers(self) -> bool:
+        try:  # the inline PING: no client library, no retries to wait out
+            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(7).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop_redis(self, keep_data: bool = False) -> None:
         """For outage tests: the server goes away (data too, unless keep_data: then it is saved to the stack
