@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
 import io
 import ipaddress
 import os
 import socket
 import stat
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -37,9 +37,6 @@ DECODE_MIN_SIZE = 200
 
 cv2.setNumThreads(1)  # one image at a time per process: workers scale by replicas, not threads
 Image.MAX_IMAGE_PIXELS = None  # our own limit below applies first, with a clear error code
-# getaddrinfo cannot be given a timeout: it runs here and is waited for against the fetch's deadline (a few threads,
-# started on first use; one stuck on a dead resolver ends with the resolver's own timeout)
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
 
 
 @dataclass(frozen=True)
@@ -109,12 +106,8 @@ def _check_host(host: str, port: int, policy: FetchPolicy, timeout_s: float) -> 
         raise ProcessingError("URL_INVALID", "URL has no host")
     if policy.allowed_hosts and host.lower() not in policy.allowed_hosts:
         raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} is not in the allowed hosts")
-    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, proto=socket.IPPROTO_TCP)
     try:
-        infos = lookup.result(timeout_s)
-    except concurrent.futures.TimeoutError:
-        lookup.cancel()  # if it is still queued behind stuck lookups
-        raise socket.timeout from None
+        infos = _resolve(host, port, timeout_s)
     except (socket.gaierror, UnicodeError) as e:
         raise ProcessingError("URL_FETCH_FAILED", f"cannot resolve {host}: {e}") from None
     addresses = [(info[4][0], info[4][1]) for info in infos]
@@ -124,6 +117,27 @@ def _check_host(host: str, port: int, policy: FetchPolicy, timeout_s: float) -> 
             if not addr.is_global or addr.is_multicast:
                 raise ProcessingError("URL_HOST_FORBIDDEN", f"host {host} resolves to non-public address {addr}")
     return addresses
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list:
+    """getaddrinfo, waited for at most timeout_s (it takes no timeout of its own). It runs on a daemon thread of its
+    own: one stuck on a dead resolver ends with the resolver's timeout, and never holds up the process's exit."""
+    outcome: list = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP))
+        except Exception as e:  # noqa: BLE001 — re-raised in the caller's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=lookup, name="resolve", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise socket.timeout
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _connect_to(addresses: list[tuple[str, int]]):
