@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -176,7 +177,19 @@ class LocalStack:
             [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
         )
-        wait_for_port(self.broker_port, proc=self.broker)
+        wait_for_port(self.broker_port, proc=self.broker, answers=self._broker_answers,
+                      log_path=os.path.join(self.workdir, "tansu.log"))
+
+    def _broker_answers(self) -> bool:
+        """An ApiVersions v0 request on the wire: a reply carrying its correlation id is a Kafka broker."""
+        request = struct.pack(">hhih", 18, 0, 7, 7) + b"prodcat"  # api key, version, correlation id, client id
+        try:
+            with socket.create_connection(("127.0.0.1", self.broker_port), timeout=1) as s:
+                s.sendall(struct.pack(">i", len(request)) + request)
+                reply = s.recv(8)
+            return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 7
+        except OSError:
+            return False
 
     def start_redis(self) -> None:
         log = open(os.path.join(self.workdir, "redis.log"), "ab")
