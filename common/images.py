@@ -14,6 +14,7 @@ import binascii
 import io
 import ipaddress
 import os
+import re
 import socket
 import stat
 import threading
@@ -57,11 +58,26 @@ class FetchPolicy:
 # ---------------------------------------------------------------- fetch
 
 
+# base64 as producers write it: a data URI's header, line breaks (MIME wraps at 76, OpenSSL and PEM at 64),
+# the URL-safe alphabet (- and _), and padding left off; anything else outside the alphabet is refused
+_DATA_URI = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def image_bytes_from_b64(data: str, policy: FetchPolicy) -> bytes:
-    if len(data) > policy.max_bytes * 4 // 3 + 4:
+    header = _DATA_URI.match(data)
+    text = data[header.end() :] if header else data
+    limit = policy.max_bytes * 4 // 3 + 4
+    if len(text) <= limit:
+        try:
+            return base64.b64decode(text, validate=True)  # plain and padded: no copy to clean it up
+        except binascii.Error:
+            pass
+    text = "".join(text.split()).translate(_URL_SAFE)
+    if len(text) > limit:
         raise ProcessingError("IMAGE_TOO_LARGE", f"inline image over {policy.max_bytes} bytes")
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ProcessingError("BAD_BASE64", f"image_b64 is not valid base64: {e}") from None
 

@@ -84,9 +84,15 @@ def test_decompression_bomb_refused_before_decoding():
 def test_inline_base64():
     data = _encode((100, 100))
     assert image_bytes_from_b64(base64.b64encode(data).decode(), FetchPolicy()) == data
-    with pytest.raises(ProcessingError) as e:
-        image_bytes_from_b64("***not base64***", FetchPolicy())
-    assert e.value.code == "BAD_BASE64"
+    # as producers write it (each was a BAD_BASE64 dead letter): line breaks (MIME, `openssl base64`), a data URI,
+    # the URL-safe alphabet without its padding
+    for text in (base64.encodebytes(data).decode(), "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+                 base64.urlsafe_b64encode(data).decode().rstrip("=")):
+        assert image_bytes_from_b64(text, FetchPolicy()) == data, text[:40]
+    for text in ("***not base64***", "data:image/jpeg;base64,@@@@", "abcde"):
+        with pytest.raises(ProcessingError) as e:
+            image_bytes_from_b64(text, FetchPolicy())
+        assert e.value.code == "BAD_BASE64", text
     with pytest.raises(ProcessingError) as e:
         image_bytes_from_b64("A" * 4000, FetchPolicy(max_bytes=1000))
     assert e.value.code == "IMAGE_TOO_LARGE"
