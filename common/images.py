@@ -156,6 +156,12 @@ def _resolve(host: str, port: int, timeout_s: float) -> list:
     return outcome[0]
 
 
+def _percent_encoded(part: str) -> str:
+    """A URL's path or query as browsers send it: spaces and non-ASCII (a Korean shop's `/상품/이미지.jpg`) as UTF-8
+    %XX, reserved characters and existing escapes kept. http.client refuses a space and cannot encode non-ASCII."""
+    return urllib.parse.quote(part, safe="/?:@!$&'()*+,;=%[]~")
+
+
 def _connect_to(addresses: list[tuple[str, int]]):
     """http.client's connect hook, pinned to the checked addresses (tried in order, as create_connection does)."""
     def create_connection(_host_port, timeout, source_address=None):
@@ -196,7 +202,7 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
         conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
         try:
             conn._create_connection = _connect_to(_check_host(host, port, policy, time_left()))
-            path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+            path = _percent_encoded(parsed.path or "/") + (f"?{_percent_encoded(parsed.query)}" if parsed.query else "")
             conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
             sock = conn.sock  # the response keeps reading it after getresponse() drops it from a closing connection
             sock.settimeout(time_left())

@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -172,6 +173,11 @@ def http_server():
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path.isascii() and urllib.parse.unquote(self.path) == "/상품 사진.jpg?size=큰&q=a%b":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             elif self.path == "/slow":
                 threading.Event().wait(3)
             elif self.path == "/trickle":  # a byte every 0.2 s for 3 s: each read is quick, the whole fetch is not
@@ -199,6 +205,9 @@ def test_http_fetch_redirects_and_limits(http_server):
     local = FetchPolicy(allow_private_addresses=True, timeout_s=1.0)
     assert fetch_image(f"{base}/img", local) == body
     assert fetch_image(f"{base}/r2", local) == body  # 2 redirects, limit 3
+    # a URL as upstream services write it, spaces and Hangul unescaped: sent as browsers send it (it was a failed
+    # fetch for the space, and for the Hangul an exception out of http.client, retried as an INTERNAL_ERROR)
+    assert fetch_image(f"{base}/상품 사진.jpg?size=큰&q=a%25b", local) == body
     for path, policy, code in [
         ("/r1", local, "URL_TOO_MANY_REDIRECTS"),
         ("/missing", local, "URL_FETCH_FAILED"),
