@@ -30,6 +30,18 @@ _HANGUL_TOKEN = re.compile(r"^[\uac00-\ud7a3]+$")
 MAX_HANGUL_WORD = 40
 _LONG_HANGUL_WORD = re.compile(rf"[\uac00-\ud7a3]{{{MAX_HANGUL_WORD + 1},}}")
 
+# accented Latin is folded to its base letters: "été" was cut at each accent into "t" — a token the model reads as
+# "T-shirt" (Myntra: Tshirts, confidence 1.0) — and is now "ete". Only what is neither ASCII nor Hangul is touched
+# (canonical decomposition splits Hangul syllables); neither training set has such a letter, so models trained on
+# them tokenize as before
+_NEITHER_ASCII_NOR_HANGUL = re.compile(r"[^\x00-\x7f\uac00-\ud7a3]+")
+
+
+def _fold_accents(text: str) -> str:
+    return _NEITHER_ASCII_NOR_HANGUL.sub(
+        lambda m: "".join(c for c in unicodedata.normalize("NFKD", m.group()) if not unicodedata.combining(c)), text)
+
+
 _taggers: dict[str, object] = {}
 _tagger_lock = threading.Lock()
 
@@ -97,6 +109,8 @@ class Tokenizer:
         words goes to the tagger cut to its first `limit` (each word gives at least one morpheme; kr_shop's
         longest run has 26 words, so real names tokenize as without it)."""
         text = unicodedata.normalize("NFKC", name or "").lower()
+        if not text.isascii():
+            text = _fold_accents(text)
         tokens: list[str] = []
         pos = 0
         for m in _HANGUL.finditer(text):

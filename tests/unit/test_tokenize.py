@@ -70,3 +70,11 @@ def test_encode_tags_no_more_of_a_long_name_than_its_first_max_tokens_need():
     tagged.clear()
     t.encode(many_words)
     assert [len(run.split()) for run in tagged] == [8]  # the one run, cut to the words that can be kept
+
+
+def test_accented_latin_is_folded_to_its_base_letters():
+    # "été" was cut at each accent into "t", which a Myntra model reads as "T-shirt" (Tshirts, confidence 1.0)
+    t = Tokenizer()
+    assert t.words("Robe d'été") == ["robe", "d", "ete"]
+    assert t.words("Crème Brûlée") == ["creme", "brulee"]
+    assert t.words("남성 티셔츠 Été") == [*t.words("남성 티셔츠"), "ete"]  # Hangul is left whole
