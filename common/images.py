@@ -83,13 +83,23 @@ def image_bytes_from_b64(data: str, policy: FetchPolicy) -> bytes:
 
 
 def fetch_image(url: str, policy: FetchPolicy) -> bytes:
-    parsed = urllib.parse.urlsplit(url)
+    parsed, _ = _split(url)
     scheme = parsed.scheme.lower()
     if scheme not in policy.allowed_schemes:
         raise ProcessingError("URL_SCHEME", f"scheme {scheme or '(none)'!r} not allowed")
     if scheme == "file":
         return _read_file(urllib.parse.unquote(parsed.path), policy)
     return _fetch_http(url, policy)
+
+
+def _split(url: str) -> tuple[urllib.parse.SplitResult, int | None]:
+    """A URL's parts and port. One that cannot be parsed (a bad IPv6 literal, a port out of range) is URL_INVALID: its
+    ValueError escaped as an unexpected failure, retried and dead-lettered as INTERNAL_ERROR."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        return parsed, parsed.port
+    except ValueError as e:
+        raise ProcessingError("URL_INVALID", f"cannot parse URL {url!r}: {e}") from None
 
 
 def _read_file(path: str, policy: FetchPolicy) -> bytes:
@@ -189,17 +199,17 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
         return left
 
     for _ in range(policy.max_redirects + 1):
-        parsed = urllib.parse.urlsplit(url)
+        parsed, port = _split(url)
         if parsed.scheme.lower() not in policy.allowed_schemes or parsed.scheme.lower() not in ("http", "https"):
             raise ProcessingError("URL_SCHEME", f"redirect to scheme {parsed.scheme!r} not allowed")
         https = parsed.scheme.lower() == "https"
-        try:
-            port = parsed.port or (443 if https else 80)
-        except ValueError:
-            raise ProcessingError("URL_INVALID", f"bad port in {url!r}") from None
+        port = port or (443 if https else 80)
         host = parsed.hostname or ""
         conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
+        try:
+            conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
+        except http.client.InvalidURL as e:  # e.g. a space in the host name
+            raise ProcessingError("URL_INVALID", f"bad host in {url!r}: {e}") from None
         try:
             conn._create_connection = _connect_to(_check_host(host, port, policy, time_left()))
             path = _percent_encoded(parsed.path or "/") + (f"?{_percent_encoded(parsed.query)}" if parsed.query else "")
@@ -211,7 +221,10 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
                 location = resp.getheader("Location")
                 if not location:
                     raise ProcessingError("URL_FETCH_FAILED", f"redirect without Location from {url}")
-                url = urllib.parse.urljoin(url, location)
+                try:
+                    url = urllib.parse.urljoin(url, location)
+                except ValueError as e:
+                    raise ProcessingError("URL_INVALID", f"bad redirect Location {location!r} from {url}: {e}") from None
                 continue
             if resp.status != 200:
                 raise ProcessingError("URL_FETCH_FAILED", f"HTTP {resp.status} from {url}")

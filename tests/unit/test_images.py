@@ -144,6 +144,9 @@ def test_a_file_url_naming_a_fifo_or_device_is_refused_without_blocking(tmp_path
     ("http://10.0.0.1/a.jpg", "URL_HOST_FORBIDDEN"),
     ("http://[::1]/a.jpg", "URL_HOST_FORBIDDEN"),
     ("http:///a.jpg", "URL_INVALID"),
+    ("http://[::1/a.jpg", "URL_INVALID"),  # these three escaped as ValueError / InvalidURL: INTERNAL_ERROR after retries
+    ("http://images example.com/a.jpg", "URL_INVALID"),
+    ("http://images.example.com:99999/a.jpg", "URL_INVALID"),
 ])
 def test_ssrf_and_scheme_policy(url, code):
     with pytest.raises(ProcessingError) as e:
@@ -178,6 +181,10 @@ def http_server():
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path == "/badlocation":
+                self.send_response(302)
+                self.send_header("Location", "http://[::1/a.jpg")
+                self.end_headers()
             elif self.path == "/slow":
                 threading.Event().wait(3)
             elif self.path == "/trickle":  # a byte every 0.2 s for 3 s: each read is quick, the whole fetch is not
@@ -211,6 +218,7 @@ def test_http_fetch_redirects_and_limits(http_server):
     for path, policy, code in [
         ("/r1", local, "URL_TOO_MANY_REDIRECTS"),
         ("/missing", local, "URL_FETCH_FAILED"),
+        ("/badlocation", local, "URL_INVALID"),
         ("/slow", local, "URL_TIMEOUT"),
         ("/img", FetchPolicy(allow_private_addresses=True, max_bytes=100), "IMAGE_TOO_LARGE"),
         ("/img", FetchPolicy(), "URL_HOST_FORBIDDEN"),  # loopback refused by default
