@@ -71,7 +71,7 @@ def image_bytes_from_b64(data: str, policy: FetchPolicy) -> bytes:
     if len(text) <= limit:
         try:
             return base64.b64decode(text, validate=True)  # plain and padded: no copy to clean it up
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or non-ASCII text
             pass
     text = "".join(text.split()).translate(_URL_SAFE)
     if len(text) > limit:
@@ -103,6 +103,8 @@ def _split(url: str) -> tuple[urllib.parse.SplitResult, int | None]:
 
 
 def _read_file(path: str, policy: FetchPolicy) -> bytes:
+    if "\0" in path:  # %00 in the URL: os calls raise ValueError on it
+        raise ProcessingError("URL_INVALID", "file path holds a NUL byte")
     real = os.path.realpath(path)
     if policy.file_roots and not any(
         real == r or real.startswith(r.rstrip("/") + "/") for r in map(os.path.realpath, policy.file_roots)

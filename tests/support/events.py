@@ -74,6 +74,7 @@ def bad_events(tmp_dir: str) -> list[tuple[str, bytes, str]]:
         ("b-meta", ev(product_id="md", name="Blue Shirt", image_url="http://169.254.169.254/latest/meta-data/"), "URL_HOST_FORBIDDEN"),
         ("b-private", ev(product_id="pv", name="Blue Shirt", image_url="http://192.168.1.1/a.jpg"), "URL_HOST_FORBIDDEN"),
         ("b-badurl", ev(product_id="bu", name="Blue Shirt", image_url="http://[::1/a.jpg"), "URL_INVALID"),
+        ("b-nulpath", ev(product_id="np", name="Blue Shirt", image_url="file:///tmp/%00x.jpg"), "URL_INVALID"),
         ("b-badhost", ev(product_id="bh", name="Blue Shirt", image_url="http://images example.com/a.jpg"), "URL_INVALID"),
         ("b-missingfile", ev(product_id="mf", name="Blue Shirt", image_url="file:///nonexistent/photo.jpg"), "URL_FETCH_FAILED"),
         ("b-notimage", ev(product_id="ni", name="Blue Shirt", image_url=f"file://{not_image}"), "IMAGE_UNDECODABLE"),

@@ -90,7 +90,7 @@ def test_inline_base64():
     for text in (base64.encodebytes(data).decode(), "data:image/jpeg;base64," + base64.b64encode(data).decode(),
                  base64.urlsafe_b64encode(data).decode().rstrip("=")):
         assert image_bytes_from_b64(text, FetchPolicy()) == data, text[:40]
-    for text in ("***not base64***", "data:image/jpeg;base64,@@@@", "abcde"):
+    for text in ("***not base64***", "data:image/jpeg;base64,@@@@", "abcde", "\u202eAAAA"):
         with pytest.raises(ProcessingError) as e:
             image_bytes_from_b64(text, FetchPolicy())
         assert e.value.code == "BAD_BASE64", text
@@ -147,6 +147,7 @@ def test_a_file_url_naming_a_fifo_or_device_is_refused_without_blocking(tmp_path
     ("http://[::1/a.jpg", "URL_INVALID"),  # these three escaped as ValueError / InvalidURL: INTERNAL_ERROR after retries
     ("http://images example.com/a.jpg", "URL_INVALID"),
     ("http://images.example.com:99999/a.jpg", "URL_INVALID"),
+    ("file:///tmp/%00x.jpg", "URL_INVALID"),  # os calls raise ValueError on a NUL: it escaped as INTERNAL_ERROR
 ])
 def test_ssrf_and_scheme_policy(url, code):
     with pytest.raises(ProcessingError) as e:
