@@ -183,6 +183,9 @@ class TensorRecord:
             raise ProcessingError("BAD_TENSOR_RECORD", "not a prodcat tensor record (bad magic)")
         if version != TENSOR_VERSION:
             raise ProcessingError("UNKNOWN_VERSION", f"tensor record version {version}, this worker reads {TENSOR_VERSION}")
+        if not (math.isfinite(event_time) and math.isfinite(pre_time)):
+            # NaN would poison the end-to-end latency histogram's sum for good, and a result's JSON
+            raise ProcessingError("BAD_TENSOR_RECORD", f"event / preprocessed time {event_time!r} / {pre_time!r} is not a number")
         pos = _HEADER.size
         expected = pos + id_len + 4 * n_tokens + (_IMAGE_BYTES if flags & _FLAG_IMAGE else 0)
         if len(payload) != expected:
@@ -191,6 +194,8 @@ class TensorRecord:
             pid = payload[pos : pos + id_len].decode("utf-8")
         except UnicodeDecodeError:
             raise ProcessingError("BAD_TENSOR_RECORD", "product id is not UTF-8") from None
+        if not pid:
+            raise ProcessingError("BAD_TENSOR_RECORD", "tensor record has no product id")
         pos += id_len
         tokens = np.frombuffer(payload, dtype="<i4", count=n_tokens, offset=pos)
         pos += 4 * n_tokens

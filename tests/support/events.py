@@ -141,4 +141,6 @@ def bad_tensor_records(vocabulary: int) -> list[tuple[str, bytes | None, str]]:
         ("t-vocabulary", record("t-vocabulary", [2], tokenizer_id=vocabulary ^ 0x5A5A), "TOKENIZER_MISMATCH"),
         ("t-tokenrange", record("t-tokenrange", [2, 99_999]), "BAD_TENSOR_RECORD"),
         ("t-negtoken", record("t-negtoken", [-3]), "BAD_TENSOR_RECORD"),
+        ("t-nantime", schemas.TensorRecord("t-nantime", np.array([2], np.int32), None, float("nan"), 1.7e9, 0, 0,
+                                           vocabulary).encode(), "BAD_TENSOR_RECORD"),
     ]

@@ -1,5 +1,6 @@
 import base64
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -79,6 +80,10 @@ def test_tensor_record_is_compact():
     (lambda b: b[:-1], "BAD_TENSOR_RECORD"),
     (lambda b: b + b"\x00", "BAD_TENSOR_RECORD"),
     (lambda b: json.dumps({"a": 1}).encode(), "BAD_TENSOR_RECORD"),
+    # a NaN time poisoned the latency histogram's sum for good; an empty id made the Redis key the bare prefix
+    (lambda b: b[:26] + struct.pack("<d", float("nan")) + b[34:], "BAD_TENSOR_RECORD"),
+    (lambda b: b[:34] + struct.pack("<d", float("inf")) + b[42:], "BAD_TENSOR_RECORD"),
+    (lambda b: schemas.TensorRecord("", np.array([5], np.int32), None, 1.0, 2.0).encode(), "BAD_TENSOR_RECORD"),
 ])
 def test_tensor_record_rejects_garbage(mutate, code):
     with pytest.raises(ProcessingError) as e:
