@@ -55,6 +55,11 @@ class ProductEvent:
         return bool(self.image_url or self.image_b64)
 
 
+def _epoch_seconds(t: float) -> bool:
+    """A plausible Unix time in seconds: finite, not negative, and below 1e11 (milliseconds, 1.7e12, are refused)."""
+    return math.isfinite(t) and 0 <= t < 1e11
+
+
 def _field(obj: dict, key: str, kind: type | tuple, required: bool = False):
     value = obj.get(key)
     if value is None:
@@ -113,7 +118,7 @@ def decode_event(payload: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> Pro
         if len(json.dumps(attributes)) > MAX_ATTRIBUTES_BYTES:
             raise ProcessingError("ATTRIBUTES_TOO_LARGE", f"attributes over {MAX_ATTRIBUTES_BYTES} bytes")
         event_time = _field(obj, "event_time", (int, float))
-        if event_time is not None and not (math.isfinite(event_time) and 0 <= event_time < 1e11):
+        if event_time is not None and not _epoch_seconds(event_time):
             raise ProcessingError("BAD_FIELD_TYPE", f"event_time {event_time!r} is not epoch seconds")
         if not name.strip() and not (image_url or image_b64):
             raise ProcessingError("NOTHING_TO_CLASSIFY", "event has neither a name nor an image")
@@ -183,9 +188,9 @@ class TensorRecord:
             raise ProcessingError("BAD_TENSOR_RECORD", "not a prodcat tensor record (bad magic)")
         if version != TENSOR_VERSION:
             raise ProcessingError("UNKNOWN_VERSION", f"tensor record version {version}, this worker reads {TENSOR_VERSION}")
-        if not (math.isfinite(event_time) and math.isfinite(pre_time)):
-            # NaN would poison the end-to-end latency histogram's sum for good, and a result's JSON
-            raise ProcessingError("BAD_TENSOR_RECORD", f"event / preprocessed time {event_time!r} / {pre_time!r} is not a number")
+        if not (_epoch_seconds(event_time) and _epoch_seconds(pre_time)):
+            # NaN would poison the end-to-end latency histogram's sum for good, a time ages away its average
+            raise ProcessingError("BAD_TENSOR_RECORD", f"event / preprocessed time {event_time!r} / {pre_time!r} is not epoch seconds")
         pos = _HEADER.size
         expected = pos + id_len + 4 * n_tokens + (_IMAGE_BYTES if flags & _FLAG_IMAGE else 0)
         if len(payload) != expected:

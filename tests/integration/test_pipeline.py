@@ -113,9 +113,12 @@ def test_sigterm_exits_cleanly_and_health_endpoints_answer(stack, tiny_model, sa
             assert json.load(r) == {"alive": True}
         assert w.ready()
     events = good_events(100, sample_jpegs)
-    publish(stack.settings, [(k, v) for k, v, _ in events])
-    assert len(wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=60)) == 100
+    ahead = schemas.encode_event("clock-ahead", "Blue Shirt", event_time=time.time() + 3600)  # a producer's clock an hour fast
+    publish(stack.settings, [(k, v) for k, v, _ in events] + [("clock-ahead", ahead)])
+    assert len(wait_for_outcomes(stack, [k for k, _, _ in events] + ["clock-ahead"], timeout_s=60)) == 101
     text = inf.metrics_text()
+    e2e_sum = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("prodcat_e2e_latency_seconds_sum"))
+    assert 0 < e2e_sum < 3600  # the hour ahead is observed as 0, not as -3600 s off the sum
     for name in ("prodcat_events_in_total", "prodcat_events_out_total", "prodcat_batch_size_bucket", "prodcat_e2e_latency_seconds_bucket",
                  "prodcat_inference_seconds_bucket", 'prodcat_model_info{model_version="tiny-1"'):
         assert name in text, name

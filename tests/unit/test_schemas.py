@@ -83,6 +83,7 @@ def test_tensor_record_is_compact():
     # a NaN time poisoned the latency histogram's sum for good; an empty id made the Redis key the bare prefix
     (lambda b: b[:26] + struct.pack("<d", float("nan")) + b[34:], "BAD_TENSOR_RECORD"),
     (lambda b: b[:34] + struct.pack("<d", float("inf")) + b[42:], "BAD_TENSOR_RECORD"),
+    (lambda b: b[:26] + struct.pack("<d", 1.7e12) + b[34:], "BAD_TENSOR_RECORD"),  # milliseconds
     (lambda b: schemas.TensorRecord("", np.array([5], np.int32), None, 1.0, 2.0).encode(), "BAD_TENSOR_RECORD"),
 ])
 def test_tensor_record_rejects_garbage(mutate, code):
