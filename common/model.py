@@ -11,6 +11,7 @@ ONNX graph contract (manifest "inputs"/"outputs" repeat it):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -65,20 +66,65 @@ class Manifest:
         if raw.get("format") != MANIFEST_FORMAT:
             raise ModelError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
         try:
-            return cls(
+            manifest = cls(
                 model_version=str(raw["model_version"]),
                 labels=tuple(raw["labels"]),
                 parents=dict(raw.get("hierarchy", {}).get("parents", {})),
                 levels=tuple(raw.get("hierarchy", {}).get("levels", ())),
                 tokenizer=TokenizerConfig.from_manifest(raw["tokenizer"]),
                 threshold=float(raw.get("threshold", 0.0)),
-                stand_in=bool(raw.get("stand_in", False)),
+                stand_in=raw.get("stand_in", False),
                 int8_file=INT8_FILE if (raw.get("int8") or {}).get("file") == INT8_FILE
                 and os.path.exists(os.path.join(model_dir, INT8_FILE)) else None,
                 raw=raw,
             )
-        except (KeyError, TypeError, ValueError) as e:
+            manifest._check()
+            return manifest
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelError(f"{path}: invalid manifest ({type(e).__name__}: {e})") from None
+
+    def _check(self) -> None:
+        """What load would accept and serving would get wrong, quietly: a category that is not a string, two
+        classes of one name, a threshold in percent (every item "uncertain") or NaN (none), a path made of letters."""
+        if not self.labels or not all(isinstance(label, str) and label for label in self.labels):
+            raise ValueError("labels: expected a non-empty list of non-empty strings")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: duplicate categories")
+        if not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
+            raise ValueError(f"threshold {self.threshold}: expected a probability in [0, 1]")
+        if not all(isinstance(x, str) for x in self.levels):
+            raise ValueError("hierarchy.levels: expected a list of strings")
+        if not all(isinstance(path, list) and all(isinstance(x, str) for x in path) for path in self.parents.values()):
+            raise ValueError("hierarchy.parents: expected leaf → list of parent names")
+        if not isinstance(self.stand_in, bool):
+            raise ValueError(f"stand_in {self.stand_in!r}: expected true or false")
+
+    def sha256_of(self, filename: str) -> str | None:
+        """The digest training recorded for one of the graph files (older manifests: the fp32 graph's only)."""
+        section = self.raw.get("onnx" if filename == ONNX_FILE else "int8") or {}
+        return section.get("sha256") if section.get("file") == filename else None
+
+    def verify(self, model_dir: str, filename: str) -> None:
+        """ModelError when the graph file is not the one this manifest describes: a copy still under way, or the
+        files of two versions side by side — whose token ids and categories would disagree without an error."""
+        expected = self.sha256_of(filename)
+        if expected is None:
+            return
+        try:
+            actual = file_sha256(os.path.join(model_dir, filename))
+        except OSError as e:
+            raise ModelError(f"cannot read {model_dir}/{filename}: {e}") from None
+        if actual != expected:
+            raise ModelError(f"{model_dir}/{filename} is not the graph its manifest describes (sha256 {actual[:12]}…, "
+                             f"manifest {expected[:12]}…): a partial copy, or files of two versions")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _session_options(intra_op_threads: int):
@@ -266,6 +312,7 @@ class Classifier:
         import onnxruntime as ort
 
         filename = self.manifest.int8_file if self.precision == "int8" else ONNX_FILE
+        self.manifest.verify(self.model_dir, filename)
         path = os.path.join(self.model_dir, filename)
         try:
             if providers[0] == openvino_session.PROVIDER:
@@ -298,12 +345,20 @@ class Classifier:
             raise ModelError(f"model outputs {outs} lack 'probs'")
 
     def warm_up(self) -> None:
-        """One tiny batch so the first real batch does not pay for lazy allocation; also validates."""
-        probs = self.run([np.zeros(0, np.int32)], [None])
+        """One tiny batch so the first real batch does not pay for lazy allocation; also validates the pair of
+        files: a full row of the highest token id (the graph's name table and token width must cover the
+        manifest's) and one probability per label."""
+        config = self.tokenizer.config
+        probe = np.full(config.max_tokens, config.n_ids - 1, np.int32)
+        try:
+            probs = self.run([probe], [None])
+            for size in self.buckets:  # each shape's one-time preparation now, not under the first real batches
+                self.run([np.zeros(0, np.int32)] * size, [None] * size)
+        except Exception as e:  # noqa: BLE001 — each runtime raises its own types
+            raise ModelError(f"{self.model_dir}: the graph does not run as its manifest describes: "
+                             f"{type(e).__name__}: {e}") from None
         if probs.shape != (1, len(self.manifest.labels)) or not np.all(np.isfinite(probs)):
             raise ModelError(f"warm-up produced {probs.shape} / non-finite values")
-        for size in self.buckets:  # each shape's one-time preparation now, not under the first real batches
-            self.run([np.zeros(0, np.int32)] * size, [None] * size)
 
     def run(self, token_ids: list[np.ndarray], images: list) -> np.ndarray:
         """Batch of (token ids, uint8 image or None) → probs [B, n_labels]; a single run stays in the calling thread."""

@@ -42,6 +42,7 @@ def _fold_accents(text: str) -> str:
         lambda m: "".join(c for c in unicodedata.normalize("NFKD", m.group()) if not unicodedata.combining(c)), text)
 
 
+TAGGERS = {"okt": "Okt", "komoran": "Komoran"}  # manifest name → konlpy.tag class
 _taggers: dict[str, object] = {}
 _tagger_lock = threading.Lock()
 
@@ -52,8 +53,7 @@ def _tagger(name: str):
         if name not in _taggers:
             import konlpy.tag  # imported late: it starts a JVM
 
-            cls = {"okt": konlpy.tag.Okt, "komoran": konlpy.tag.Komoran}[name]
-            _taggers[name] = cls()
+            _taggers[name] = getattr(konlpy.tag, TAGGERS[name])()
         return _taggers[name]
 
 
@@ -78,12 +78,20 @@ class TokenizerConfig:
 
     @classmethod
     def from_manifest(cls, d: dict) -> "TokenizerConfig":
-        return cls(
-            max_tokens=int(d.get("max_tokens", 32)),
-            korean_tagger=str(d.get("korean_tagger", "okt")),
-            oov_buckets=int(d.get("oov_buckets", 0)),
+        """ValueError for what would tokenize wrongly, or fail on the first Korean name, rather than at load."""
+        config = cls(
+            max_tokens=_whole(d.get("max_tokens", 32), "max_tokens", 1),
+            korean_tagger=d.get("korean_tagger", "okt"),
+            oov_buckets=_whole(d.get("oov_buckets", 0), "oov_buckets", 0),
             vocab=tuple(d.get("vocab", ())),
         )
+        if config.korean_tagger not in TAGGERS:
+            raise ValueError(f"korean_tagger {config.korean_tagger!r}: expected one of {', '.join(TAGGERS)}")
+        if not all(isinstance(tok, str) and tok for tok in config.vocab):
+            raise ValueError("vocab: every entry must be a non-empty string")
+        if len(set(config.vocab)) != len(config.vocab):
+            raise ValueError("vocab: duplicate tokens")
+        return config
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -94,6 +102,12 @@ class TokenizerConfig:
     def n_ids(self) -> int:
         """Size of the id space the embedding table must cover."""
         return N_SPECIAL + len(self.vocab) + self.oov_buckets
+
+
+def _whole(value, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}: expected a whole number ≥ {least}, got {value!r}")
+    return value
 
 
 class Tokenizer:

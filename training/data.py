@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.model import file_sha256
+
 DATASETS = ("myntra", "kr_shop")
 SPLITS = ("train", "val", "test")
 
@@ -63,14 +65,6 @@ def split_of(dataset: str, item_id: str) -> str:
     return "train" if bucket < 80 else "val" if bucket < 90 else "test"
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_csv_rows(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -96,13 +90,13 @@ def _load_myntra(root: str) -> Dataset:
         image = os.path.join(root, r["image"]) if r.get("image") else None
         cat = (r["masterCategory"], r["subCategory"], r["articleType"])
         items.append(Item(r["id"], r["name"], r["articleType"], cat, image))
-    return Dataset("myntra", items, ("masterCategory", "subCategory", "articleType"), _file_sha256(path), [path])
+    return Dataset("myntra", items, ("masterCategory", "subCategory", "articleType"), file_sha256(path), [path])
 
 
 def _load_kr_shop(root: str) -> Dataset:
     path = os.path.join(root, "titles.csv")
     items = [Item(r["name"], r["name"], r["category"], (r["category"],)) for r in _read_csv_rows(path)]
-    return Dataset("kr_shop", items, ("category",), _file_sha256(path), [path])
+    return Dataset("kr_shop", items, ("category",), file_sha256(path), [path])
 
 
 def load_table(path: str) -> Dataset:
@@ -139,7 +133,7 @@ def load_table(path: str) -> Dataset:
         items.append(Item(str(r.get("id") or n), str(r.get("name") or ""), label, (*parents, label), image))
     levels = (*level_cols, "category")
     dataset = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(dataset, items, levels, _file_sha256(path), [path])
+    return Dataset(dataset, items, levels, file_sha256(path), [path])
 
 
 def _read_jsonl(path: str) -> list[dict]:

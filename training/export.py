@@ -8,7 +8,6 @@ a photo, and a nameless one) within PARITY_ATOL on every probability and embeddi
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import shutil
 import numpy as np
 import torch
 
-from common.model import INT8_FILE, MANIFEST, MANIFEST_FORMAT, ONNX_FILE, cpu_session
+from common.model import INT8_FILE, MANIFEST, MANIFEST_FORMAT, ONNX_FILE, cpu_session, file_sha256
 from training.data import read_image
 from training.model import ServingGraph
 
@@ -68,14 +67,6 @@ def check_parity(graph: ServingGraph, onnx_path: str, feeds: dict) -> dict:
     return diff
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, config, val_metrics, history,
                  train_seconds, parity_items, tok) -> dict:
     out_dir = os.path.abspath(out_dir)
@@ -89,7 +80,7 @@ def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, c
     log.info("parity ORT vs torch: %s", parity)
 
     now = dt.datetime.now(dt.timezone.utc)
-    digest = _sha256(onnx_path)
+    digest = file_sha256(onnx_path)
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_version": f"{ds.name}-{now:%Y%m%d-%H%M%S}-{digest[:8]}",
@@ -181,7 +172,8 @@ def add_int8(model_dir: str, calib_feeds: list[dict], val_accuracy) -> dict:
     os.unlink(pre)
     fp32, int8 = val_accuracy(src), val_accuracy(dst)
     kept = all(int8[k] >= fp32[k] - INT8_MAX_DROP for k in fp32)
-    info = {"file": INT8_FILE if kept else None, "kept": kept, "max_drop": INT8_MAX_DROP,
+    info = {"file": INT8_FILE if kept else None, "sha256": file_sha256(dst) if kept else None, "kept": kept,
+            "max_drop": INT8_MAX_DROP,
             "val_fp32": fp32, "val_int8": int8, "speed_images_per_s_1_thread": {"fp32": _speed(src), "int8": _speed(dst)}}
     if not kept:
         os.unlink(dst)

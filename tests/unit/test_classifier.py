@@ -5,7 +5,7 @@ import pytest
 
 from common import openvino_session
 from common.model import Classifier, ModelError, batch_buckets, choose_providers, provider_options
-from tests.support.tiny_model import build_tiny_model, expected_category
+from tests.support.tiny_model import build_tiny_model, expected_category, seal
 
 
 @pytest.fixture(scope="module")
@@ -137,5 +137,57 @@ def test_a_graph_with_an_integer_mod_is_left_to_onnx_runtime(model_dir, tmp_path
     graph.graph.node.insert(0, helper.make_node("Mod", ["token_ids", "big"], ["token_ids_mod"], fmod=0))
     graph.graph.node[1].input[1] = "token_ids_mod"  # the Gather reads the (unchanged) ids through the Mod
     onnx.save(graph, os.path.join(old, "model.onnx"))
-    clf = Classifier(old, "openvino", 2)
+    clf = Classifier(seal(old), "openvino", 2)
     assert clf.provider == "CPU" and clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
+
+
+def _edited_copy(model_dir: str, dest: str, edit) -> str:
+    import json
+    import os
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    path = os.path.join(dest, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return dest
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda m: m["tokenizer"].update(korean_tagger="mecab"), "korean_tagger"),  # failed on the first Korean name
+    (lambda m: m.update(threshold=88), "threshold"),  # in percent: every item "uncertain"
+    (lambda m: m.update(threshold=float("nan")), "threshold"),  # no item ever "uncertain"
+    (lambda m: m.update(labels=[m["labels"][0]] * len(m["labels"])), "duplicate"),
+    (lambda m: m.update(labels=list(range(len(m["labels"])))), "labels"),  # results' category a number
+    (lambda m: m["hierarchy"]["parents"].update(Watches="Accessories"), "parents"),  # a path of letters
+    (lambda m: m["tokenizer"].update(max_tokens=7.9), "max_tokens"),
+    (lambda m: m["tokenizer"].update(oov_buckets=-5), "oov_buckets"),
+    (lambda m: m["tokenizer"].update(vocab=[1, 2, 3]), "vocab"),
+    (lambda m: m.update(stand_in="false"), "stand_in"),
+])
+def test_a_manifest_that_serving_would_get_wrong_is_refused_at_load(model_dir, tmp_path, edit, named):
+    """Each of these loaded before and served wrong answers, or failed later on every item."""
+    with pytest.raises(ModelError, match=named):
+        Classifier(_edited_copy(model_dir, str(tmp_path / "edited"), edit), "cpu", 1)
+
+
+def test_a_graph_that_is_not_the_one_its_manifest_describes_is_refused(model_dir, tmp_path):
+    """Both loaded before: the graph of another version (same labels, other token ids: wrong answers, no error),
+    and a manifest whose token width the graph does not take (warm-up's runtime error escaped the hot reload and
+    stopped the inference worker)."""
+    import os
+    import shutil
+
+    other = build_tiny_model(str(tmp_path / "other"), vocab=["watch", "shoes", "shirt"])
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(model_dir, mixed)
+    shutil.copy(os.path.join(other, "model.onnx"), mixed)
+    with pytest.raises(ModelError, match="not the graph its manifest describes"):
+        Classifier(mixed, "cpu", 1)
+
+    wider = _edited_copy(model_dir, str(tmp_path / "wider"), lambda m: m["tokenizer"].update(max_tokens=32))
+    with pytest.raises(ModelError, match="does not run as its manifest describes"):
+        Classifier(wider, "cpu", 1).warm_up()

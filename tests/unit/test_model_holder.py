@@ -33,3 +33,23 @@ def test_a_new_version_loads_in_the_background_and_a_forced_look_waits_for_it(tm
     assert holder.maybe_reload(force=True) is True and holder.current.version == "tiny-3"  # forced: waits
     assert holder.maybe_reload(force=True) is False  # nothing changed since
     assert holder.current.run([holder.current.tokenizer.encode("steel watch")] * 5, [None] * 5).shape == (5, 3)
+
+
+def test_a_new_version_whose_graph_fails_its_warm_up_is_rejected_and_the_old_one_keeps_serving(tmp_path):
+    """Before, the runtime's own exception from the warm-up escaped maybe_reload and stopped the worker."""
+    import json
+    import os
+
+    model_dir = build_tiny_model(str(tmp_path / "model"), version="tiny-1")
+    holder = ModelHolder(settings_mod.load(env={}, model_dir=model_dir, model_reload_s=0.0, providers="cpu"), "inference")
+    path = os.path.join(model_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["model_version"] = "tiny-2"
+    manifest["tokenizer"]["max_tokens"] = 32  # the graph takes 8
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f)
+    os.replace(path + ".tmp", path)
+    assert holder.maybe_reload(force=True) is False
+    assert holder.current.version == "tiny-1"
+    assert holder.current.run([holder.current.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
