@@ -19,6 +19,8 @@ EVENTS_OUT = Counter("prodcat_events_out_total", "Records fully processed (outpu
 DEAD_LETTERS = Counter("prodcat_dead_letters_total", "Records sent to the dead-letter topic", ["worker", "code"])
 RETRIES = Counter("prodcat_retries_total", "Dependency failures that were retried (broker, Redis)", ["worker", "kind"])
 DUPLICATES = Counter("prodcat_duplicates_total", "Results rewritten for an input already processed (at-least-once redelivery)", ["worker"])
+SUPERSEDED = Counter("prodcat_results_superseded_total", "Results not written to Redis, whose hash holds the result of a "
+                     "newer event of that product (out-of-order events; the result is on the output topic)", ["worker"])
 COMMITS = Counter("prodcat_commits_total", "Offset commits", ["worker", "reason"])
 REBALANCES = Counter("prodcat_rebalances_total", "Partition assignment changes", ["worker", "kind"])
 BATCH_SIZE = Histogram("prodcat_batch_size", "Items per processed batch", ["worker"], buckets=_BATCH_BUCKETS)

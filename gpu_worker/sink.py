@@ -1,8 +1,14 @@
-"""Redis sink: one hash per product, rewritten whole (idempotent). Duplicates are counted, not stored."""
+"""Redis sink: one hash per product, rewritten whole (idempotent). Duplicates are counted, not stored.
+
+The hash holds the result of the product's newest event: a result of an older one is not written over it. A
+product's events can be processed out of order — partitions added to a topic (a key's partition changes while
+older records still queue in the old one), a producer without keys, offsets reset for a replay — and the
+category of the product's latest name and photo must stay. Every result is still on the output topic."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import chain
 
 import redis
 
@@ -14,6 +20,18 @@ from common.errors import SinkError
 class SinkWrite:
     duplicates: int = 0  # results that rewrote the same source event (redeliveries)
     rejected: dict[int, str] = field(default_factory=dict)  # result index → why Redis refused that key, for good
+    superseded: int = 0  # results not written: the hash holds a newer event's result
+
+
+# One product's result, unless its hash holds a newer event's (a later event_time; an equal one is rewritten:
+# a redelivery, or a replay under a new model). Returns {1 written | 0 superseded, the `source` held before}.
+_WRITE_UNLESS_NEWER = """
+local held = redis.call('HMGET', KEYS[1], 'event_time', 'source')
+local held_time = tonumber(held[1])
+if held_time and held_time > tonumber(ARGV[1]) then return {0, held[2]} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return {1, held[2]}
+"""
 
 
 class RedisSink:
@@ -21,6 +39,7 @@ class RedisSink:
         # short timeouts: an unreachable Redis must fail the checkpoint quickly, which then backs off
         self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10)
         self.key_prefix = key_prefix
+        self._write_unless_newer = self.client.register_script(_WRITE_UNLESS_NEWER)
 
     def key(self, product_id: str) -> str:
         return f"{self.key_prefix}{product_id}"
@@ -34,20 +53,22 @@ class RedisSink:
             return out
         pipe = self.client.pipeline(transaction=False)
         for res in results:
-            key = self.key(res["product_id"])
-            pipe.hget(key, "source")
-            pipe.hset(key, mapping=schemas.result_to_redis_hash(res))
+            fields = schemas.result_to_redis_hash(res)
+            self._write_unless_newer(keys=[self.key(res["product_id"])], args=[res["event_time"], *chain(*fields.items())],
+                                     client=pipe)
         try:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as e:
             raise SinkError(f"redis: {e}") from None
-        for i, (res, previous, written) in enumerate(zip(results, replies[0::2], replies[1::2])):
-            for reply in (previous, written):
-                if isinstance(reply, redis.ResponseError):
-                    if not str(reply).startswith("WRONGTYPE"):
-                        raise SinkError(f"redis: {reply}")
-                    out.rejected[i] = f"redis refused key {self.key(res['product_id'])!r}: {reply}"
-            if i not in out.rejected and _same_source(previous, res["source"]):
+        for i, (res, reply) in enumerate(zip(results, replies)):
+            if isinstance(reply, redis.ResponseError):
+                if not str(reply).startswith("WRONGTYPE"):
+                    raise SinkError(f"redis: {reply}")
+                out.rejected[i] = f"redis refused key {self.key(res['product_id'])!r}: {reply}"
+                continue
+            written, previous = reply
+            out.superseded += not written
+            if written and _same_source(previous, res["source"]):
                 out.duplicates += 1
         return out
 

@@ -120,6 +120,7 @@ class InferenceWorker:
                 metrics.E2E_SECONDS.labels(WORKER).observe(max(0.0, done - res["event_time"]))
             metrics.EVENTS_OUT.labels(WORKER).inc(len(batch.messages))
             metrics.DUPLICATES.labels(WORKER).inc(written[0].duplicates if written else 0)
+            metrics.SUPERSEDED.labels(WORKER).inc(written[0].superseded if written else 0)
         else:
             # the batch was rewound: the later ones are consumed again with it, so none may commit past it
             kafka.rewind(self.consumer, batch.messages + self._take_uncommitted())

@@ -91,6 +91,33 @@ def test_a_redis_key_another_writer_left_does_not_stall_or_stop_the_inference_wo
     assert all(w.alive() for w in workers)
 
 
+def test_redis_keeps_the_result_of_a_products_newest_event_when_an_older_one_comes_last(stack, tiny_model):
+    """Events of one product processed out of order (partitions added to the topic, a keyless producer, a replay):
+    the older event's result went over the newer one's in Redis. It is on the output topic, and Redis keeps the
+    newer; an event as new or newer is written as before."""
+    workers = _start_both(stack, tiny_model)
+    now = time.time()
+
+    def event(name: str, event_time: float) -> tuple[str, bytes]:
+        return "p-late", schemas.encode_event("p-late", name, event_time=event_time)
+
+    publish(stack.settings, [event("Running shoes", now), event("Blue shirt", now - 60)])
+    deadline = time.monotonic() + 60
+    while sum(m.key() == b"p-late" for m in read_topic(stack.settings, stack.settings.topic_results)) < 2:
+        assert time.monotonic() < deadline, "the two results never reached the output topic"
+        time.sleep(0.2)
+    stored = wait_for_outcomes(stack, ["p-late"], timeout_s=10)["p-late"]
+    assert (stored["category"], stored["event_time"]) == ("Shoes", now)
+    with urllib.request.urlopen(f"{workers[-1].metrics_url}/metrics") as r:
+        assert 'prodcat_results_superseded_total{worker="inference"} 1.0' in r.read().decode()
+
+    publish(stack.settings, [event("Steel watch", now + 60)])
+    deadline = time.monotonic() + 60
+    while stack.redis().hget(f"{stack.settings.redis_key_prefix}p-late", "category") != "Watches":
+        assert time.monotonic() < deadline, "a newer event's result was not written"
+        time.sleep(0.2)
+
+
 def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):
     pre, inf = _start_both(stack, tiny_model)
     events = good_events(1500, sample_jpegs)
