@@ -78,7 +78,9 @@ class PreprocessWorker:
         try:
             event = schemas.decode_event(msg.value(), self.max_event_bytes)
             product_id = event.product_id
-            self._produce(self.settings.topic_tensors, self._preprocess_with_attempts(event, msg), msg.key())
+            # keyed by product id, whatever the event's key was (none, or another): one product's records stay in
+            # one partition, in order, downstream
+            self._produce(self.settings.topic_tensors, self._preprocess_with_attempts(event, msg), event.product_id)
         except ProcessingError as e:
             self.dead_letter(msg, e, product_id)
 

@@ -118,6 +118,18 @@ def test_redis_keeps_the_result_of_a_products_newest_event_when_an_older_one_com
         time.sleep(0.2)
 
 
+def test_tensor_records_and_results_are_keyed_by_product_id_whatever_the_events_key(stack, tiny_model, sample_jpegs):
+    """They took the event's key: a producer without keys (or keying by something else) left one product's
+    records in any partition downstream, unordered, and results without a key for consumers to join on."""
+    _start_both(stack, tiny_model)
+    events = good_events(12, sample_jpegs)
+    keys = [k for k, _, _ in events]
+    publish(stack.settings, [(None if i % 2 else f"seller-{i}", v) for i, (_, v, _) in enumerate(events)])
+    wait_for_outcomes(stack, keys, timeout_s=60)
+    for topic in (stack.settings.topic_tensors, stack.settings.topic_results):
+        assert sorted(m.key().decode() for m in read_topic(stack.settings, topic)) == sorted(keys)
+
+
 def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):
     pre, inf = _start_both(stack, tiny_model)
     events = good_events(1500, sample_jpegs)
