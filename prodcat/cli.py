@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("evaluate a model on a split: metrics, ablations, baselines, plots", "training.evaluate"),
     "predict": ("offline batch inference: product events JSONL → results JSONL", "prodcat.predict"),
     "bench": ("measure every stage and the whole pipeline", "prodcat.bench"),
+    "replay": ("dead letters of the given codes back onto the topics they were read from", "prodcat.replay"),
 }
 # workers take their own flags (every setting); `prodcat preprocess --help`
 WORKERS = {
