@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from common import metrics
@@ -205,9 +205,14 @@ def records(worker: str, messages: list[Message]) -> list[Message]:
     return out
 
 
-
 def source_of(msg: Message) -> dict:
-    return {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+    """Where a dead-lettered record was read from, and its timestamp: a replay produces it with that timestamp,
+    so an event without `event_time` keeps its place in its product's order (not the replay's time)."""
+    source = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+    ts_type, ts_ms = msg.timestamp()
+    if ts_type != TIMESTAMP_NOT_AVAILABLE:
+        source["timestamp_ms"] = ts_ms
+    return source
 
 
 def send_dead_letter(deliveries: DeliveryTracker, topic: str, worker: str, msg: Message, error, product_id: str | None) -> None:

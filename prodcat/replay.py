@@ -1,9 +1,9 @@
 """`prodcat replay`: dead letters back onto the topic they were read from, once their cause is fixed — an image
 host up again, a Redis key removed (`SINK_REJECTED`), a model that knows the vocabulary (`TOKENIZER_MISMATCH`).
 
-Reads the dead-letter topic up to its end as of the start (letters that arrive meanwhile are left for a later
-run), keeps those whose code (and stage, and time) match, and produces each original payload, with its
-original key, to the topic named in the letter's `source` — raw events to the raw topic, tensor records to the
+Reads the dead-letter topic to its end and keeps the letters written before the run started (a replayed record
+that fails again is left for a later run) whose code, stage and time match. Each original payload goes, with its
+original key, to the topic named in the letter's `source`: raw events to the raw topic, tensor records to the
 tensors topic. The letters stay in the dead-letter topic (it is a log): a second run over the same window
 replays them again, which the pipeline absorbs (Redis is rewritten with the same result, counted as duplicates).
 The summary's `last_time` is the `--since` of a run that takes only what came after."""
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_mod.load(args)
     try:
-        summary = replay(settings, set(args.code), args.stage, args.since, args.until, args.dry_run)
+        summary = replay(settings, {code.upper() for code in args.code}, args.stage, args.since, args.until, args.dry_run)
     except ReplayError as e:
         print(f"prodcat replay: {e}", file=sys.stderr)
         return 1
@@ -71,20 +71,25 @@ class ReplayError(Exception):
 
 def replay(settings, codes: set[str], stage: str | None, since: float | None, until: float | None,
            dry_run: bool = False) -> dict:
-    letters = _read_window(settings)
+    # letters written after the start are not this run's: a replayed record that fails again must not come round
+    until = time.time() if until is None else min(until, time.time())
     counts: Counter = Counter()
     targets: Counter = Counter()
+    in_window: Counter = Counter()
     last_time = None
     producer = None if dry_run else kafka.make_producer(settings, "replay")
     failures: list[str] = []
-    for msg in letters:
+    for msg in _dead_letter_records(settings):  # one at a time: a tensor record's letter is ~200 KB
+        counts["read"] += 1
         letter = _decode(msg.value())
         if letter is None:
             counts["unreadable"] += 1
             continue
         written = letter["time"]
-        if (letter["error_code"] not in codes or (stage and letter["stage"] != stage)
-                or (since is not None and written < since) or (until is not None and written >= until)):
+        if (stage and letter["stage"] != stage) or (since is not None and written < since) or written >= until:
+            continue
+        in_window[letter["error_code"]] += 1  # what there is to replay: a misspelt --code matches nothing
+        if letter["error_code"] not in codes:
             continue
         topic = _source_topic(settings, letter)
         if topic is None:
@@ -94,14 +99,15 @@ def replay(settings, codes: set[str], stage: str | None, since: float | None, un
         targets[topic] += 1
         last_time = written if last_time is None else max(last_time, written)
         if producer is not None:
-            kafka.produce_waiting(producer, topic, letter["payload"], msg.key(),
+            kafka.produce_waiting(producer, topic, letter["payload"], msg.key(), timestamp=_original_timestamp_ms(letter),
                                   on_delivery=lambda err, _msg: err and failures.append(str(err)))
             producer.poll(0)
     undelivered = producer.flush(60) if producer is not None else 0
     if failures or undelivered:
         raise ReplayError(f"{len(failures)} failed, {undelivered} undelivered of {counts['matched']}: {failures[:3]}")
-    return {"dead_letters_read": len(letters), "matched": counts["matched"],
+    return {"dead_letters_read": counts["read"], "matched": counts["matched"],
             "replayed": 0 if dry_run else counts["matched"], "dry_run": dry_run, "by_topic": dict(targets),
+            "codes_in_window": dict(in_window.most_common()),
             "unreadable": counts["unreadable"], "no_source_topic": counts["no_source_topic"], "last_time": last_time}
 
 
@@ -117,6 +123,14 @@ def _decode(value: bytes | None) -> dict | None:
         return None
 
 
+def _original_timestamp_ms(letter: dict) -> int:
+    """The record's own timestamp (an event without `event_time` is ordered by it: a replay stamped now would go
+    over the result of a later event of that product); older letters: when the letter was written."""
+    source = letter.get("source")
+    ts = source.get("timestamp_ms") if isinstance(source, dict) else None
+    return ts if isinstance(ts, int) and ts > 0 else int(letter["time"] * 1000)
+
+
 def _source_topic(settings, letter: dict) -> str | None:
     """Where the dead-lettered record was read from (older letters: the stage's input topic); never the DLQ itself."""
     source = letter.get("source")
@@ -125,7 +139,7 @@ def _source_topic(settings, letter: dict) -> str | None:
     return topic if isinstance(topic, str) and topic != settings.topic_dlq else None
 
 
-def _read_window(settings) -> list:
+def _dead_letter_records(settings):
     """Every record the dead-letter topic holds, read to the end of each partition. The whole topic: dead letters
     are few (an alert fires at 1 per second), and the letters' own times cut the window exactly. The end is
     librdkafka's end-of-partition event (the fetch's high watermark): Tansu answers a watermark or time lookup
@@ -140,18 +154,18 @@ def _read_window(settings) -> list:
             raise ReplayError(f"topic {settings.topic_dlq} not found at {settings.bootstrap_servers}")
         todo = set(meta.partitions)
         consumer.assign([TopicPartition(settings.topic_dlq, p, OFFSET_BEGINNING) for p in sorted(todo)])
-        records, deadline = [], time.monotonic() + 300
+        idle_deadline = time.monotonic() + 60
         while todo:
-            if time.monotonic() > deadline:
-                raise ReplayError(f"{settings.topic_dlq} not read to its end in 300 s")
-            for msg in consumer.consume(500, timeout=1.0):
+            if time.monotonic() > idle_deadline:
+                raise ReplayError(f"{settings.topic_dlq}: no record and no end of partition {sorted(todo)} for 60 s")
+            for msg in consumer.consume(100, timeout=1.0):
+                idle_deadline = time.monotonic() + 60
                 if msg.error() is None:
-                    records.append(msg)
+                    yield msg
                 elif msg.error().code() == KafkaError._PARTITION_EOF:
                     todo.discard(msg.partition())
                 else:
                     raise ReplayError(f"reading {settings.topic_dlq}: {msg.error()}")
-        return records
     except KafkaException as e:
         raise ReplayError(f"broker {settings.bootstrap_servers}: {e}") from None
     finally:

@@ -38,16 +38,20 @@ def test_dead_letters_of_a_fixed_cause_are_replayed_and_classified(stack, tiny_m
     letters = [schemas.decode_dead_letter(m.value()) for m in _wait_for_dead_letters(stack, len(events) + 1)]
     assert sorted(d["error_code"] for d in letters) == ["BAD_JSON"] + ["URL_FETCH_FAILED"] * len(events)
 
-    dry = _replay(stack, "--code", "URL_FETCH_FAILED", "--since", "1h", "--dry-run")
+    dry = _replay(stack, "--code", "url_fetch_failed", "--since", "1h", "--dry-run")
     assert (dry["matched"], dry["replayed"], dry["by_topic"]) == (6, 0, {stack.settings.topic_raw: 6})
+    assert dry["codes_in_window"] == {"URL_FETCH_FAILED": 6, "BAD_JSON": 1}
     assert _replay(stack, "--code", "URL_FETCH_FAILED", "--since", str(time.time() + 60))["matched"] == 0
 
     for i, path in enumerate(later):  # the cause fixed: the photos are there now
         shutil.copy(sample_jpegs[i], path)
+    replayed_at = time.time()
     done = _replay(stack, "--code", "URL_FETCH_FAILED", "--stage", "preprocess")
     assert (done["matched"], done["replayed"], done["dead_letters_read"]) == (6, 6, 7)
     results = wait_for_outcomes(stack, [k for k, _ in events], timeout_s=60)
     assert {k: r["category"] for k, r in results.items()} == {f"r{i}": expected_category(n) for i, n in enumerate(names)}
+    # events without event_time are timed (and ordered in Redis) by their record's timestamp: the original one
+    assert all(r["event_time"] < replayed_at for r in results.values())
     assert len(read_topic(stack.settings, stack.settings.topic_dlq, idle_s=0.5)) == 7  # nothing failed again
     assert all(os.path.exists(p) for p in later) and all(w.alive() for w in workers)
 
