@@ -222,7 +222,8 @@ def send_dead_letter(deliveries: DeliveryTracker, topic: str, worker: str, msg: 
     metrics.DEAD_LETTERS.labels(worker, error.code).inc()
     log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
     product_id = product_id or error.product_id
-    deliveries.produce(topic, schemas.dead_letter(worker, error, msg.value(), source_of(msg), product_id), msg.key())
+    deliveries.produce(topic, schemas.dead_letter(worker, error, msg.value(), source_of(msg), product_id), msg.key(),
+                       msg.headers())
 
 
 def note_rebalance(worker: str, kind: str, partitions: list[TopicPartition]) -> None:

@@ -110,7 +110,8 @@ class InferenceWorker:
                     self.dead_letter(msg, outcome, rec.product_id)
                     continue
                 res = self._result(rec, outcome, clf.version)
-                self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), rec.product_id)  # 5. produce
+                self.deliveries.produce(self.settings.topic_results, schemas.encode_result(res), rec.product_id,
+                                        msg.headers())  # 5. produce, with the event's headers (trace context)
                 results.append((msg, res))
         written: list[SinkWrite] = []
         if self.checkpoint.commit(batch.messages, write_sink=lambda: written.append(self._write_sink(results))):  # 6

@@ -79,8 +79,9 @@ class PreprocessWorker:
             event = schemas.decode_event(msg.value(), self.max_event_bytes)
             product_id = event.product_id
             # keyed by product id, whatever the event's key was (none, or another): one product's records stay in
-            # one partition, in order, downstream
-            self._produce(self.settings.topic_tensors, self._preprocess_with_attempts(event, msg), event.product_id)
+            # one partition, in order, downstream. The event's headers (a producer's trace context) go along
+            self._produce(self.settings.topic_tensors, self._preprocess_with_attempts(event, msg), event.product_id,
+                          msg.headers())
         except ProcessingError as e:
             self.dead_letter(msg, e, product_id)
 
@@ -113,9 +114,9 @@ class PreprocessWorker:
                 last = e
         raise ProcessingError("INTERNAL_ERROR", f"failed {self.settings.max_attempts} times: {type(last).__name__}: {last}")
 
-    def _produce(self, topic: str, value: bytes, key) -> None:
+    def _produce(self, topic: str, value: bytes, key, headers: list | None) -> None:
         try:
-            self.deliveries.produce(topic, value, key)
+            self.deliveries.produce(topic, value, key, headers)
         except KafkaException as e:  # e.g. larger than message.max.bytes: this record can never be sent
             raise ProcessingError("RECORD_TOO_LARGE" if e.args[0].code() == kafka.KafkaError.MSG_SIZE_TOO_LARGE
                                   else "PRODUCE_REJECTED", str(e)) from None

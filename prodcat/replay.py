@@ -99,7 +99,8 @@ def replay(settings, codes: set[str], stage: str | None, since: float | None, un
         targets[topic] += 1
         last_time = written if last_time is None else max(last_time, written)
         if producer is not None:
-            kafka.produce_waiting(producer, topic, letter["payload"], msg.key(), timestamp=_original_timestamp_ms(letter),
+            kafka.produce_waiting(producer, topic, letter["payload"], msg.key(), headers=msg.headers(),
+                                  timestamp=_original_timestamp_ms(letter),
                                   on_delivery=lambda err, _msg: err and failures.append(str(err)))
             producer.poll(0)
     undelivered = producer.flush(60) if producer is not None else 0

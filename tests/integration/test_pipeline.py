@@ -118,16 +118,29 @@ def test_redis_keeps_the_result_of_a_products_newest_event_when_an_older_one_com
         time.sleep(0.2)
 
 
-def test_tensor_records_and_results_are_keyed_by_product_id_whatever_the_events_key(stack, tiny_model, sample_jpegs):
+def test_records_downstream_are_keyed_by_product_id_and_carry_the_events_headers(stack, tiny_model, sample_jpegs):
     """They took the event's key: a producer without keys (or keying by something else) left one product's
-    records in any partition downstream, unordered, and results without a key for consumers to join on."""
+    records in any partition downstream, unordered, and results without a key for consumers to join on. And the
+    event's headers (a producer's trace context) were dropped at the first hop; they now reach the result or the
+    dead letter."""
+    from common import kafka
+
     _start_both(stack, tiny_model)
     events = good_events(12, sample_jpegs)
     keys = [k for k, _, _ in events]
-    publish(stack.settings, [(None if i % 2 else f"seller-{i}", v) for i, (_, v, _) in enumerate(events)])
+    producer = kafka.make_producer(stack.settings, "test")
+    for i, (key, value, _) in enumerate(events + [("bad", b"{not json", None)]):
+        producer.produce(stack.settings.topic_raw, value, None if i % 2 else f"seller-{i}",
+                         headers=[("traceparent", f"00-{i:032x}-{i:016x}-01".encode())])
+    assert producer.flush(30) == 0
     wait_for_outcomes(stack, keys, timeout_s=60)
     for topic in (stack.settings.topic_tensors, stack.settings.topic_results):
-        assert sorted(m.key().decode() for m in read_topic(stack.settings, topic)) == sorted(keys)
+        records = read_topic(stack.settings, topic)
+        assert sorted(m.key().decode() for m in records) == sorted(keys)
+        assert {m.key().decode(): m.headers() for m in records} == {
+            k: [("traceparent", f"00-{i:032x}-{i:016x}-01".encode())] for i, k in enumerate(keys)}
+    [dead] = read_topic(stack.settings, stack.settings.topic_dlq)
+    assert dead.headers() == [("traceparent", f"00-{12:032x}-{12:016x}-01".encode())]
 
 
 def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):

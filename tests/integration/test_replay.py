@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from common import schemas
-from prodcat.stack import publish, read_topic, wait_for_outcomes
+from common import kafka, schemas
+from prodcat.stack import read_topic, wait_for_outcomes
 from tests.support.tiny_model import expected_category
 
 
@@ -34,7 +34,10 @@ def test_dead_letters_of_a_fixed_cause_are_replayed_and_classified(stack, tiny_m
     later = [str(tmp_path / f"later-{i}.jpg") for i in range(len(names))]  # photos not uploaded yet
     events = [(f"r{i}", schemas.encode_event(f"r{i}", name, image_url=f"file://{path}"))
               for i, (name, path) in enumerate(zip(names, later))]
-    publish(stack.settings, events + [("bad", b"{not json")])
+    producer = kafka.make_producer(stack.settings, "test")
+    for key, value in events + [("bad", b"{not json")]:
+        producer.produce(stack.settings.topic_raw, value, key, headers=[("traceparent", key.encode())])
+    assert producer.flush(30) == 0
     letters = [schemas.decode_dead_letter(m.value()) for m in _wait_for_dead_letters(stack, len(events) + 1)]
     assert sorted(d["error_code"] for d in letters) == ["BAD_JSON"] + ["URL_FETCH_FAILED"] * len(events)
 
@@ -55,6 +58,9 @@ def test_dead_letters_of_a_fixed_cause_are_replayed_and_classified(stack, tiny_m
     for m in read_topic(stack.settings, stack.settings.topic_raw, idle_s=0.5):  # the originals, then the replays
         originals.setdefault(m.key().decode(), m.timestamp()[1] / 1000.0)
     assert all(r["event_time"] == originals[k] < replayed_at for k, r in results.items())
+    # and their headers (a producer's trace context) came back with them
+    assert {m.key().decode(): m.headers() for m in read_topic(stack.settings, stack.settings.topic_results)} == {
+        k: [("traceparent", k.encode())] for k, _ in events}
     assert len(read_topic(stack.settings, stack.settings.topic_dlq, idle_s=0.5)) == 7  # nothing failed again
     assert all(os.path.exists(p) for p in later) and all(w.alive() for w in workers)
 
