@@ -24,8 +24,12 @@ class SinkWrite:
 
 
 # One product's result, unless its hash holds a newer event's (a later event_time; an equal one is rewritten:
-# a redelivery, or a replay under a new model). Returns {1 written | 0 superseded, the `source` held before}.
+# a redelivery, or a replay under a new model). Returns {1 written | 0 superseded, the `source` held before}, or
+# {-1, the key's type} when the key holds something else than a hash (the type is asked, not read from an error
+# text, whose form differs between Redis versions inside scripts).
 _WRITE_UNLESS_NEWER = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {-1, kind} end
 local held = redis.call('HMGET', KEYS[1], 'event_time', 'source')
 local held_time = tonumber(held[1])
 if held_time and held_time > tonumber(ARGV[1]) then return {0, held[2]} end
@@ -45,9 +49,9 @@ class RedisSink:
         return f"{self.key_prefix}{product_id}"
 
     def write(self, results: list[dict]) -> SinkWrite:
-        """Every result in one round trip. A key holding another type (WRONGTYPE) refuses its result for good:
-        retrying the batch would meet it again and stall the partition, so that result alone is reported
-        rejected. Any other error reply (e.g. OOM under maxmemory) is about Redis as a whole: the batch is retried."""
+        """Every result in one round trip. A key holding another type refuses its result for good: retrying the
+        batch would meet it again and stall the partition, so that result alone is reported rejected. An error
+        reply (e.g. OOM under maxmemory) is about Redis as a whole: the batch is retried."""
         out = SinkWrite()
         if not results:
             return out
@@ -62,11 +66,12 @@ class RedisSink:
             raise SinkError(f"redis: {e}") from None
         for i, (res, reply) in enumerate(zip(results, replies)):
             if isinstance(reply, redis.ResponseError):
-                if not str(reply).startswith("WRONGTYPE"):
-                    raise SinkError(f"redis: {reply}")
-                out.rejected[i] = f"redis refused key {self.key(res['product_id'])!r}: {reply}"
-                continue
+                raise SinkError(f"redis: {reply}")
             written, previous = reply
+            if written == -1:
+                kind = previous.decode() if isinstance(previous, bytes) else previous
+                out.rejected[i] = f"WRONGTYPE: redis key {self.key(res['product_id'])!r} holds a {kind}, not a hash"
+                continue
             out.superseded += not written
             if written and _same_source(previous, res["source"]):
                 out.duplicates += 1
