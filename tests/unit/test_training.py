@@ -291,6 +291,10 @@ def test_int8_graph_is_kept_only_when_validation_holds_and_served_on_cpu(trained
     p8, p32 = int8.run(ids, list(images)), fp32.run(ids, list(images))
     assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
     assert np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
+    with open(os.path.join(model_dir, INT8_FILE), "ab") as f:  # the manifest records the int8 graph's digest too
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="not the graph its manifest describes"):
+        Classifier(model_dir, "cpu")
 
 
 def test_evaluate_scores_data_of_another_taxonomy_by_leaf_and_refuses_data_it_shares_no_label_with(tiny_model, tmp_path,
