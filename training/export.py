@@ -68,7 +68,10 @@ def check_parity(graph: ServingGraph, onnx_path: str, feeds: dict) -> dict:
 
 
 def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, config, val_metrics, history,
-                 train_seconds, parity_items, tok) -> dict:
+                 train_seconds, parity_items, tok, before_swap=None) -> dict:
+    """The model directory written whole in a temporary one, checked by the serving loader, then swapped in: a
+    worker watching `out_dir` sees the old version or the new one, never a part. `before_swap(tmp_dir)` adds to
+    it first (the int8 graph; its return value goes into the manifest returned under "int8")."""
     out_dir = os.path.abspath(out_dir)
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -111,10 +114,12 @@ def export_model(net, temperature, out_dir, *, ds, labels, tok_cfg, threshold, c
     }
     with open(os.path.join(tmp_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, ensure_ascii=False, indent=1)
+    if before_swap is not None:
+        manifest["int8"] = before_swap(tmp_dir)
 
     from common.model import Classifier
 
-    Classifier(tmp_dir).warm_up()  # the serving loader accepts it, or we keep the old model
+    Classifier(tmp_dir).warm_up()  # the serving loader accepts it (the int8 graph on CPU), or we keep the old model
     _swap_in(tmp_dir, out_dir)
     return manifest
 

@@ -629,13 +629,14 @@ def train_model(dataset, data_dir=None, out_dir="models/model", fast=False, prog
 
     net = build_net(heads, mix, prep.tok_cfg.n_ids, n_labels, cfg)
     train_seconds = time.time() - t0
+    with_int8 = cfg.int8 and (prep.train.photo >= 0).any() and (prep.val.photo >= 0).any()
     manifest = export_model(
         net, temperature, out_dir, ds=ds, labels=prep.labels, tok_cfg=prep.tok_cfg, threshold=coverage["threshold"],
         config=dataclasses.asdict(cfg) | {"fast": fast}, val_metrics=val_metrics, history=[],
         train_seconds=train_seconds, parity_items=_parity_items(prep.val_items, prep.photo_row), tok=prep.tok,
+        before_swap=(lambda model_dir: int8_variant(model_dir, prep)) if with_int8 else None,
     )
-    if cfg.int8 and (prep.train.photo >= 0).any() and (prep.val.photo >= 0).any():
-        manifest["int8"] = int8_variant(out_dir, prep)
+    if with_int8:
         log.info("int8: %s", manifest["int8"])
     log.info("model written to %s in %.0f s", out_dir, time.time() - t0)
     return manifest
@@ -679,7 +680,7 @@ def validation_metrics(scores: dict, val: SplitData, temperature: float) -> dict
     }
 
 
-def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: int = 256) -> dict:
+def int8_variant(model_dir: str, prep: Prepared, max_items: int = 600, n_calib: int = 256) -> dict:
     """Calibrate the int8 graph on training photos, check it on validation photos (name + photo, photo alone)."""
     from common.model import cpu_session
     from training.data import read_image
@@ -707,7 +708,7 @@ def int8_variant(out_dir: str, prep: Prepared, max_items: int = 600, n_calib: in
     # half the calibration batches with their names, half photo alone: both paths are served
     calib = [feeds(ids, im, names=k % 2 == 0)
              for k, (ids, im, _) in enumerate(photo_batches(prep.ds.split("train"), prep.train, n_calib, 16))]
-    return add_int8(out_dir, calib, accuracy)
+    return add_int8(model_dir, calib, accuracy)
 
 
 def _parity_items(val_items, photo_row, n: int = 24):

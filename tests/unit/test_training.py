@@ -315,3 +315,33 @@ def test_evaluate_scores_data_of_another_taxonomy_by_leaf_and_refuses_data_it_sh
     assert run(parser.parse_args(["--model", tiny_model, "--csv", str(other), "--no-baselines"])) == 2
     err = capsys.readouterr().err
     assert "none of its test labels" in err and "Traceback" not in err
+
+
+def test_the_int8_graph_is_made_before_the_new_version_is_swapped_in(trained, tmp_path, monkeypatch):
+    """It was quantized into the live directory after the swap: workers watching it loaded the new version without
+    its int8 graph, then again with it — a version never meant to serve, and a second reload."""
+    import json
+    import shutil
+
+    from training import export
+    from training.train import train_model
+
+    _, src = trained
+    csv_path = _write_dataset(tmp_path, n_per_class=40)  # enough that validation holds photos: int8 is tried
+    out = str(tmp_path / "model")
+    shutil.copytree(src, out)  # the version in service while the new one trains
+    in_service = json.load(open(os.path.join(out, "manifest.json")))["model_version"]
+    seen, quantize = [], export.add_int8
+
+    def spy(model_dir, calib, val_accuracy):
+        seen.append((model_dir, json.load(open(os.path.join(out, "manifest.json")))["model_version"]))
+        return quantize(model_dir, calib, val_accuracy)
+
+    monkeypatch.setattr(export, "add_int8", spy)
+    monkeypatch.setenv("PRODCAT_CACHE", str(tmp_path / "cache"))
+    manifest = train_model(None, out_dir=out, fast=True, progress=False, csv_path=csv_path, int8=True, epochs=3)
+    [(quantized_in, live_version)] = seen
+    assert quantized_in != out and live_version == in_service  # the old version served while the new one was made
+    final = json.load(open(os.path.join(out, "manifest.json")))
+    assert final["model_version"] == manifest["model_version"] != in_service and final["int8"] == manifest["int8"]
+    assert not any(name.endswith(".tmp.onnx") for name in os.listdir(out))
