@@ -114,9 +114,11 @@ class DeliveryTracker:
         if err is not None:
             self.failures.append(f"{msg.topic()}: {err.str()}")
 
-    def produce(self, topic: str, value: bytes, key: bytes | str | None, headers: list | None = None) -> None:
-        """Raises KafkaException for a record that can never be sent (e.g. larger than message.max.bytes)."""
-        produce_waiting(self.producer, topic, value, key, headers=headers, on_delivery=self.callback)
+    def produce(self, topic: str, value: bytes, key: bytes | str | None, headers: list | None = None,
+                timestamp_ms: int = 0) -> None:
+        """Raises KafkaException for a record that can never be sent (e.g. larger than message.max.bytes).
+        timestamp_ms 0: now (a replay passes the original record's)."""
+        produce_waiting(self.producer, topic, value, key, headers=headers, timestamp=timestamp_ms, on_delivery=self.callback)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         undelivered = self.producer.flush(timeout_s)  # records still queued or in flight when time ran out

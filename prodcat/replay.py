@@ -20,7 +20,7 @@ from collections import Counter
 
 from common import kafka, schemas
 from common import settings as settings_mod
-from common.errors import ProcessingError
+from common.errors import DeliveryError, ProcessingError
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -77,8 +77,7 @@ def replay(settings, codes: set[str], stage: str | None, since: float | None, un
     targets: Counter = Counter()
     in_window: Counter = Counter()
     last_time = None
-    producer = None if dry_run else kafka.make_producer(settings, "replay")
-    failures: list[str] = []
+    deliveries = None if dry_run else kafka.DeliveryTracker(lambda: kafka.make_producer(settings, "replay"))
     for msg in _dead_letter_records(settings):  # one at a time: a tensor record's letter is ~200 KB
         counts["read"] += 1
         letter = _decode(msg.value())
@@ -98,14 +97,13 @@ def replay(settings, codes: set[str], stage: str | None, since: float | None, un
         counts["matched"] += 1
         targets[topic] += 1
         last_time = written if last_time is None else max(last_time, written)
-        if producer is not None:
-            kafka.produce_waiting(producer, topic, letter["payload"], msg.key(), headers=msg.headers(),
-                                  timestamp=_original_timestamp_ms(letter),
-                                  on_delivery=lambda err, _msg: err and failures.append(str(err)))
-            producer.poll(0)
-    undelivered = producer.flush(60) if producer is not None else 0
-    if failures or undelivered:
-        raise ReplayError(f"{len(failures)} failed, {undelivered} undelivered of {counts['matched']}: {failures[:3]}")
+        if deliveries is not None:
+            deliveries.produce(topic, letter["payload"], msg.key(), msg.headers(), _original_timestamp_ms(letter))
+    if deliveries is not None:
+        try:
+            deliveries.flush(60)
+        except DeliveryError as e:
+            raise ReplayError(f"of {counts['matched']} matched: {e}") from None
     return {"dead_letters_read": counts["read"], "matched": counts["matched"],
             "replayed": 0 if dry_run else counts["matched"], "dry_run": dry_run, "by_topic": dict(targets),
             "codes_in_window": dict(in_window.most_common()),
