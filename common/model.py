@@ -127,6 +127,18 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def seal_graph(model_dir: str) -> str:
+    """Record model.onnx's digest in the manifest beside it, as export does, for a graph rewritten after export
+    (the bench's fp16 copy, tests' edited graphs): `Manifest.verify` then accepts it."""
+    path = os.path.join(model_dir, MANIFEST)
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest.setdefault("onnx", {}).update(file=ONNX_FILE, sha256=file_sha256(os.path.join(model_dir, ONNX_FILE)))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, ensure_ascii=False)
+    return model_dir
+
+
 def _session_options(intra_op_threads: int):
     import onnxruntime as ort
 

@@ -202,23 +202,20 @@ def fp16_copy(model_dir: str, out_dir: str) -> str:
     the inputs and outputs as the contract says. ONNX Runtime's own converter (ships with the cpu and gpu
     wheels): onnxconverter-common 1.16 refuses a graph that already holds an fp16 tensor (the served models'
     name table), and with `Cast` blocked it loops forever over the casts it inserts."""
+    import shutil
     import warnings
 
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from common.model import MANIFEST, ONNX_FILE, file_sha256
+    from common.model import MANIFEST, ONNX_FILE, seal_graph
 
+    shutil.copy(os.path.join(model_dir, MANIFEST), out_dir)
     with warnings.catch_warnings():  # one warning per weight clipped to fp16's range
         warnings.simplefilter("ignore")
         model = convert_float_to_float16(onnx.load(os.path.join(model_dir, ONNX_FILE)), keep_io_types=True)
     onnx.save(model, os.path.join(out_dir, ONNX_FILE))
-    with open(os.path.join(model_dir, MANIFEST), encoding="utf-8") as f:
-        manifest = json.load(f)
-    manifest.setdefault("onnx", {}).update(file=ONNX_FILE, sha256=file_sha256(os.path.join(out_dir, ONNX_FILE)))
-    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, ensure_ascii=False)  # the manifest names the graph beside it: the fp16 one
-    return out_dir
+    return seal_graph(out_dir)  # the manifest names the graph beside it: the fp16 one
 
 
 def bench_fp16(model_dir: str, providers: str, threads: int, batches: list[int], records, seconds: float) -> dict:

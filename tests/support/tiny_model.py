@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from common.model import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, file_sha256
+from common.model import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, seal_graph
 
 LABELS = ["Shirts", "Shoes", "Watches"]
 VOCAB = ["shirt", "shoes", "watch"]
@@ -85,18 +85,7 @@ def build_tiny_model(model_dir: str, version: str = "tiny-1", scale: float = 1.0
     }
     with open(os.path.join(model_dir, MANIFEST), "w") as f:
         json.dump(manifest, f)
-    return seal(model_dir)
-
-
-def seal(model_dir: str) -> str:
-    """Record model.onnx's digest in the manifest, as training's export does (after a test rewrites the graph)."""
-    path = os.path.join(model_dir, MANIFEST)
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest["onnx"] = {"file": ONNX_FILE, "sha256": file_sha256(os.path.join(model_dir, ONNX_FILE))}
-    with open(path, "w") as f:
-        json.dump(manifest, f)
-    return model_dir
+    return seal_graph(model_dir)
 
 
 def expected_category(name: str) -> str | None:

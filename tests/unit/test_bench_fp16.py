@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from common.model import ONNX_FILE, Classifier
+from common.model import ONNX_FILE, Classifier, seal_graph
 from prodcat.bench import fp16_copy
-from tests.support.tiny_model import build_tiny_model, expected_category, seal
+from tests.support.tiny_model import build_tiny_model, expected_category
 
 
 def _with_fp16_table(model_dir: str) -> None:
@@ -22,7 +22,7 @@ def _with_fp16_table(model_dir: str) -> None:
     model.graph.node.insert(1, helper.make_node("Cast", ["tok_logits16"], ["tok_logits"], to=TensorProto.FLOAT))
     onnx.checker.check_model(model)
     onnx.save(model, path)
-    seal(model_dir)
+    seal_graph(model_dir)
 
 
 def test_fp16_copy_of_a_graph_with_an_fp16_table_answers_as_fp32(tmp_path):

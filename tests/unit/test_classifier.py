@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from common import openvino_session
-from common.model import Classifier, ModelError, batch_buckets, choose_providers, provider_options
-from tests.support.tiny_model import build_tiny_model, expected_category, seal
+from common.model import Classifier, ModelError, batch_buckets, choose_providers, provider_options, seal_graph
+from tests.support.tiny_model import build_tiny_model, expected_category
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_a_graph_with_an_integer_mod_is_left_to_onnx_runtime(model_dir, tmp_path
     graph.graph.node.insert(0, helper.make_node("Mod", ["token_ids", "big"], ["token_ids_mod"], fmod=0))
     graph.graph.node[1].input[1] = "token_ids_mod"  # the Gather reads the (unchanged) ids through the Mod
     onnx.save(graph, os.path.join(old, "model.onnx"))
-    clf = Classifier(seal(old), "openvino", 2)
+    clf = Classifier(seal_graph(old), "openvino", 2)
     assert clf.provider == "CPU" and clf.run([clf.tokenizer.encode("steel watch")], [None]).shape == (1, 3)
 
 
