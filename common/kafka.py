@@ -15,6 +15,9 @@ from common.errors import CommitError, DeliveryError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
+# librdkafka's own log lines (a failed connect, a request timed out) go through Python logging, with its format,
+# level and repeat filter (runtime.QuietRepeats), instead of raw `%3|…|FAIL|` lines on stderr
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 # how long a produced record waits for others to share its message set (and its request, and its lz4 frame);
 # a producer whose batches end in a flush can afford more (the preprocess worker's LINGER_MS)
@@ -49,6 +52,7 @@ def consumer_config(settings: Settings, group: str, worker: str) -> dict:
         "statistics.interval.ms": 5_000,
         "stats_cb": lambda stats: metrics.record_kafka_stats(worker, stats),
         "error_cb": lambda err: _client_error(worker, err),
+        "logger": LIBRDKAFKA_LOG,
     }
     conf.update(settings.kafka_options())
     return conf
@@ -72,6 +76,7 @@ def producer_config(settings: Settings, worker: str, linger_ms: int = LINGER_MS)
         # 150 KB per tensor record, from memory long gone cold by the time the broker acknowledged it
         "delivery.report.only.error": True,
         "error_cb": lambda err: _client_error(worker, err),
+        "logger": LIBRDKAFKA_LOG,
     }
     conf.update(settings.kafka_options())  # consumer-only options are ignored by librdkafka with a warning
     return conf
@@ -222,7 +227,8 @@ def send_dead_letter(deliveries: DeliveryTracker, topic: str, worker: str, msg: 
     from common import schemas
 
     metrics.DEAD_LETTERS.labels(worker, error.code).inc()
-    log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason)
+    log.info("dead letter %s at %s[%d]@%d: %s", error.code, msg.topic(), msg.partition(), msg.offset(), error.reason,
+             extra={"repeat_key": ("dead letter", worker, error.code)})  # a malformed feed: a sample per code
     product_id = product_id or error.product_id
     deliveries.produce(topic, schemas.dead_letter(worker, error, msg.value(), source_of(msg), product_id), msg.key(),
                        msg.headers())

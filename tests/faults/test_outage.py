@@ -71,3 +71,33 @@ def test_broker_stall_mid_stream_loses_nothing_and_needs_no_restart(record_timeo
     report(out)
     assert out.lost == 0 and not out.wrong, out.wrong[:5]
     assert (pre.proc.pid, inf.proc.pid) == pids and pre.alive() and inf.alive()
+
+
+def test_workers_started_before_their_broker_say_so_a_few_times_and_classify_once_it_is_up(tmp_path, tiny_model, sample_jpegs):
+    """k8s starts the workers whenever it likes, Kafka may come up later. While the broker is away each worker is
+    alive, not ready, and says so a few times a minute — librdkafka retries the connection ~20 times a second, and
+    logged every attempt twice (its own line and the error callback's): ~40 lines a second per worker. Once the
+    broker is up, the workers join their groups and classify without a restart."""
+    from prodcat.stack import LocalStack, publish, wait_for_outcomes
+
+    stack = LocalStack(str(tmp_path / "stack"))
+    try:
+        stack.start_redis()
+        workers = [stack.start_worker(kind, tiny_model, wait_ready=False) for kind in ("preprocess", "inference")]
+        time.sleep(6)
+        for w in workers:
+            assert w.alive() and not w.ready(), w.log()[-2000:]
+            kafka_lines = [line for line in w.log().splitlines() if "librdkafka" in line or "kafka client error" in line]
+            assert any("Connect to" in line for line in kafka_lines), w.log()[-2000:]  # the outage is reported
+            assert len(kafka_lines) <= 20, f"{w.kind}: {len(kafka_lines)} lines in 6 s"
+            assert not any(line.startswith("%") for line in w.log().splitlines())  # no raw librdkafka lines
+
+        stack.start_broker()
+        stack.create_topics()
+        events = good_events(20, sample_jpegs, prefix="late-")
+        publish(stack.settings, [(k, v) for k, v, _ in events])
+        results = wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=120)
+        assert {k: r["category"] for k, r in results.items()} == {k: expected for k, _, expected in events}
+        assert all(w.alive() and w.ready() for w in workers)
+    finally:
+        stack.close()

@@ -1,4 +1,5 @@
-"""Worker process start-up: freed record buffers are reused, not faulted in again for every batch."""
+"""Worker process start-up: freed record buffers are reused, not faulted in again for every batch; a flood of one
+kind of log line is held back to a few a minute."""
 import os
 import subprocess
 import sys
@@ -38,3 +39,30 @@ def test_freed_record_buffers_are_reused_without_page_faults():
     default, reused = faults_per_record("off"), faults_per_record("on")
     # a 150 KB buffer is ~37 pages: glibc's defaults trim the freed batch and fault most of them in again
     assert reused < 0.5, f"{reused} faults per record with reuse, {default} with glibc's defaults"
+
+
+def test_quiet_repeats_passes_a_few_of_a_kind_per_window_then_says_how_many_it_held_back():
+    import logging
+
+    from common.runtime import QuietRepeats
+
+    now = [0.0]
+    quiet = QuietRepeats(burst=3, window_s=60.0, clock=lambda: now[0])
+
+    def passes(msg, *args, **extra) -> str | None:
+        record = logging.LogRecord("common.kafka", logging.WARNING, __file__, 1, msg, args, None)
+        record.__dict__.update(extra)
+        return record.getMessage() if quiet.filter(record) else None
+
+    connect = "Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after %dms in state CONNECT)"
+    shown = [passes(connect, i) for i in range(50)]  # one reconnect every 50 ms: a broker that is down
+    assert sum(s is not None for s in shown) == 3  # the durations in the text do not make it another message
+    assert passes("1/1 brokers are down") is not None  # another kind has its own budget
+    assert passes("Connect to ipv4#10.0.0.7:9092 failed: Connection refused") is not None  # so has another broker
+    letters = [passes("dead letter %s at %s: %s", "BAD_JSON", f"products.raw@{i}", f"reason {i}",
+                      repeat_key=("dead letter", "preprocess", "BAD_JSON")) for i in range(10)]
+    assert sum(s is not None for s in letters) == 3  # one kind by its key, whatever the text
+
+    now[0] = 61.0
+    assert passes(connect, 7) == connect % 7 + " [47 more like this held back in the 61 s before]"
+    assert passes(connect, 8) == connect % 8  # a new window: nothing held back yet
