@@ -199,6 +199,15 @@ def _admin_options(settings: Settings) -> dict:
     return {k: v for k, v in settings.kafka_options().items() if k.startswith(("security.", "sasl.", "ssl."))}
 
 
+def consume_available(consumer: Consumer, n: int, timeout_s: float) -> list[Message]:
+    """Up to n messages: what is already fetched, else the first to arrive within timeout_s and what came with it.
+    `consume(n, timeout)` waits the whole timeout unless n arrive."""
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, timeout=0)] if n > 1 else [first]
+
+
 def records(worker: str, messages: list[Message]) -> list[Message]:
     """The messages that carry records; consumer errors are counted and logged (librdkafka retries them)."""
     out = []

@@ -58,7 +58,7 @@ class Settings:
     cuda_options: tuple[str, ...] = ()  # KEY=VALUE options of ONNX Runtime's CUDA provider, passed through
     precision: str = "auto"  # auto = the model's int8 graph on CPU when it has one, fp32 otherwise; or fp32 / int8
     max_batch: int = 64
-    max_delay_ms: float = 20.0  # inference: batch deadline; preprocess: poll window
+    max_delay_ms: float = 20.0  # inference: batch deadline; preprocess: longest idle wait of a poll
     poll_batch: int = 256  # preprocess: events taken per poll, then flushed and committed together
     max_attempts: int = 3  # a dependency failing on one event this many times → dead letter, not a stuck partition
     model_reload_s: float = 5.0  # how often the inference worker looks for a new model version

@@ -54,8 +54,9 @@ class PreprocessWorker:
                 if self.checkpoint.hold():  # the broker failed a checkpoint: paused, then retried
                     continue
                 self.maybe_reload_tokenizer()
-                # 1. poll: up to poll_batch records or max_delay_ms, whichever first — a quiet stream is not held back
-                messages = self.consumer.consume(self.settings.poll_batch, timeout=max(0.005, self.settings.max_delay_ms / 1000.0))
+                # 1. poll: what has arrived, up to poll_batch, as soon as anything has (at most max_delay_ms idle, so
+                #    a reload is looked for) — below full load an event waited out the rest of a fixed window
+                messages = kafka.consume_available(self.consumer, self.settings.poll_batch, max(0.005, self.settings.max_delay_ms / 1000.0))
                 batch = kafka.records(WORKER, messages)
                 if not batch:
                     continue
