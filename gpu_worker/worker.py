@@ -60,10 +60,7 @@ class InferenceWorker:
             while not self.stop:
                 if self.checkpoint.hold():  # a dependency is down: paused until it answers again
                     continue
-                # 1. poll: up to the batch's deadline; with a batch running and none pending, only what is already
-                #    fetched (its checkpoint is not kept waiting on an idle topic); with neither, one max delay,
-                #    so the first record's wait stays bounded
-                messages = self.consumer.consume(max(1, self.pending.room), timeout=self._poll_timeout())
+                messages = self._poll()  # 1. poll
                 for msg in kafka.records(WORKER, messages):
                     self.pending.add(msg)  # 2. batch
                 if self.pending.ready():
@@ -80,11 +77,15 @@ class InferenceWorker:
             self.consumer.close()
             log.info("stopped")
 
-    def _poll_timeout(self) -> float:
-        wait = self.pending.time_left()
-        if wait is not None:
-            return wait
-        return 0.0 if self.started else max(0.005, self.pending.max_delay_s)
+    def _poll(self) -> list[Message]:
+        """A batch filling: records until it is full or its deadline. None filling: what has arrived, as soon as
+        anything has — the deadline starts at the first record's arrival, not at the end of a wait (a wait of one
+        max delay held a record up to twice that) — with a batch running, only what is already fetched (its
+        checkpoint is not kept waiting on an idle topic), else up to one max delay."""
+        if len(self.pending):
+            return self.consumer.consume(max(1, self.pending.room), timeout=self.pending.time_left())
+        idle_wait = 0.0 if self.started else max(0.005, self.pending.max_delay_s)
+        return kafka.consume_available(self.consumer, self.pending.max_size, idle_wait)
 
     def start(self, messages: list[Message]) -> StartedBatch:
         metrics.EVENTS_IN.labels(WORKER).inc(len(messages))

@@ -161,6 +161,23 @@ def test_a_quiet_stream_is_preprocessed_as_events_arrive_not_at_the_end_of_a_pol
     assert max(waits.values()) < 0.5, waits
 
 
+def test_a_record_that_finds_the_inference_worker_idle_waits_one_batch_deadline_not_two(stack, tiny_model, sample_jpegs):
+    """Ray Serve's rule: a batch leaves when full or when its first record has waited `max_delay_ms`. An idle
+    inference worker polled for one max delay and started the deadline when that poll ended, so a record that
+    arrived early in the poll waited up to twice the delay. Events 2.5 s apart, each finding the worker idle,
+    against a 1 s deadline: the old loop's idle polls (one a second) were caught at three different phases."""
+    pre = stack.start_worker("preprocess", tiny_model, wait_ready=False)
+    inf = stack.start_worker("inference", tiny_model, wait_ready=False, max_batch=64, max_delay_ms=1000)
+    stack.wait_ready([pre, inf])
+    events = good_events(4, sample_jpegs, prefix="idle-")  # the first one warms the producer and the fetches up
+    for key, value, _ in events:
+        publish(stack.settings, [(key, value)], producer=stack.publisher)
+        time.sleep(2.5)
+    results = wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=30)
+    waits = {k: round(r["timings"]["queue_ms"]) for k, r in results.items() if k != "idle-0"}
+    assert len(waits) == 3 and all(1000 <= w < 1250 for w in waits.values()), waits
+
+
 def test_workers_killed_mid_stream_lose_nothing(stack, tiny_model, sample_jpegs):
     pre, inf = _start_both(stack, tiny_model)
     events = good_events(1500, sample_jpegs)
