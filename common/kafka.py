@@ -26,7 +26,7 @@ LINGER_MS = 5
 DEFAULT_PARTITIONS = {"topic_raw": 12, "topic_tensors": 6, "topic_results": 6, "topic_dlq": 3}
 
 
-def consumer_config(settings: Settings, group: str, worker: str) -> dict:
+def consumer_config(settings: Settings, group: str, worker: str, health: metrics.Health | None = None) -> dict:
     conf = {
         "bootstrap.servers": settings.bootstrap_servers,
         "group.id": group,
@@ -48,9 +48,10 @@ def consumer_config(settings: Settings, group: str, worker: str) -> dict:
         # a burst fills the local prefetch queue past its limits; librdkafka then postpones that partition's next
         # fetch by this much (default 1,000 ms): seen as a 0.6 s stall when traffic resumed after a burst
         "fetch.queue.backoff.ms": 20,
-        # lag comes from librdkafka's statistics (hi_offset − committed), not from broker offset APIs
+        # lag comes from librdkafka's statistics (hi_offset − committed), not from broker offset APIs; readiness
+        # follows the broker states in them
         "statistics.interval.ms": 5_000,
-        "stats_cb": lambda stats: metrics.record_kafka_stats(worker, stats),
+        "stats_cb": lambda stats: metrics.record_kafka_stats(worker, stats, health),
         "error_cb": lambda err: _client_error(worker, err),
         "logger": LIBRDKAFKA_LOG,
     }
@@ -91,8 +92,9 @@ def make_producer(settings: Settings, worker: str, linger_ms: int = LINGER_MS) -
     return Producer(producer_config(settings, worker, linger_ms))
 
 
-def make_consumer(settings: Settings, group: str, worker: str) -> Consumer:
-    return Consumer(consumer_config(settings, group, worker))
+def make_consumer(settings: Settings, group: str, worker: str, health: metrics.Health | None = None) -> Consumer:
+    """`health`: the worker's readiness, which then follows the consumer's broker connection."""
+    return Consumer(consumer_config(settings, group, worker, health))
 
 
 def produce_waiting(producer: Producer, topic: str, value: bytes, key=None, **kwargs) -> None:

@@ -45,25 +45,33 @@ READY = Gauge("prodcat_ready", "1 when the worker is consuming and its dependenc
 
 
 class Health:
-    """Liveness = the loop is alive; readiness = assigned + dependencies reachable. Set by the worker loop."""
+    """Liveness = the loop is alive; readiness = assigned + dependencies reachable. Set by the worker loop
+    (assignment, checkpoints) and by its consumer's statistics (a broker connection)."""
 
     def __init__(self, worker: str):
         self.worker = worker
         self._ready = False
         self._why = "starting"
+        self._broker_down = ""  # why, while the consumer has no broker connection
         self.alive = True
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self._ready, self._why = ready, why
-        READY.labels(self.worker).set(1 if ready else 0)
+        READY.labels(self.worker).set(1 if self.ready else 0)
+
+    def set_broker_down(self, why: str) -> None:
+        """"" once the consumer is connected again. An idle worker whose broker went away has no batch to fail,
+        so without this it stayed ready through the outage."""
+        self._broker_down = why
+        READY.labels(self.worker).set(1 if self.ready else 0)
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and not self._broker_down
 
     @property
     def why(self) -> str:
-        return self._why
+        return self._broker_down or self._why
 
 
 def serve(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -98,9 +106,15 @@ def serve(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServ
     return server
 
 
-def record_kafka_stats(worker: str, stats_json: str) -> None:
-    """librdkafka `stats_cb`: consumer lag per assigned partition (broker offsets APIs are not trusted)."""
+def record_kafka_stats(worker: str, stats_json: str, health: Health | None = None) -> None:
+    """librdkafka `stats_cb`: consumer lag per assigned partition (broker offsets APIs are not trusted), and
+    whether the consumer holds a connection to any broker: a group member always does (heartbeats, fetches)."""
     stats = json.loads(stats_json)
+    brokers = stats.get("brokers", {})
+    if health is not None and brokers:
+        up = any(b.get("state") == "UP" for b in brokers.values())
+        states = ", ".join(f"{name} {b.get('state')}" for name, b in sorted(brokers.items())[:4])
+        health.set_broker_down("" if up else f"kafka: no broker connection ({states})")
     for topic, t in stats.get("topics", {}).items():
         for pid, p in t.get("partitions", {}).items():
             if pid == "-1" or p.get("consumer_lag", -1) < 0:

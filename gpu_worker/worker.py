@@ -47,7 +47,7 @@ class InferenceWorker:
         self.health = health
         self.model = ModelHolder(settings, WORKER)
         self.sink = RedisSink(settings.redis_url, settings.redis_key_prefix)
-        self.consumer = kafka.make_consumer(settings, settings.inference_group, WORKER)
+        self.consumer = kafka.make_consumer(settings, settings.inference_group, WORKER, health)
         self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health, probe=self.sink.ping)
         self.pending: BatchQueue[Message] = BatchQueue(settings.max_batch, settings.max_delay_ms / 1000.0)

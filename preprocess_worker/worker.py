@@ -42,7 +42,7 @@ class PreprocessWorker:
         self.tokenizer = Tokenizer(Manifest.load(settings.model_dir).tokenizer)
         self.model_watch = DirWatch(settings.model_dir, settings.model_reload_s)
         self.max_event_bytes = schemas.max_event_bytes(settings.image_policy)
-        self.consumer = kafka.make_consumer(settings, settings.preprocess_group, WORKER)
+        self.consumer = kafka.make_consumer(settings, settings.preprocess_group, WORKER, health)
         self.deliveries = kafka.DeliveryTracker(lambda: kafka.make_producer(settings, WORKER, LINGER_MS))
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health)
 

@@ -2,9 +2,12 @@
 Redis, and resumes by itself when it is back; nothing is lost and no worker is restarted."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -77,7 +80,8 @@ def test_workers_started_before_their_broker_say_so_a_few_times_and_classify_onc
     """k8s starts the workers whenever it likes, Kafka may come up later. While the broker is away each worker is
     alive, not ready, and says so a few times a minute — librdkafka retries the connection ~20 times a second, and
     logged every attempt twice (its own line and the error callback's): ~40 lines a second per worker. Once the
-    broker is up, the workers join their groups and classify without a restart."""
+    broker is up, the workers join their groups and classify without a restart. When it goes away again, idle
+    workers are not ready (`/readyz` promises a reachable Kafka; with no batch to fail they stayed ready)."""
     from prodcat.stack import LocalStack, publish, wait_for_outcomes
 
     stack = LocalStack(str(tmp_path / "stack"))
@@ -98,6 +102,18 @@ def test_workers_started_before_their_broker_say_so_a_few_times_and_classify_onc
         publish(stack.settings, [(k, v) for k, v, _ in events])
         results = wait_for_outcomes(stack, [k for k, _, _ in events], timeout_s=120)
         assert {k: r["category"] for k, r in results.items()} == {k: expected for k, _, expected in events}
-        assert all(w.alive() and w.ready() for w in workers)
+        stack.wait_ready(workers, timeout_s=30)  # the consumer's next statistics (every 5 s) see the broker up
+
+        stack.broker.kill()
+        stack.broker.wait(10)
+        deadline = time.monotonic() + 30
+        while any(w.ready() for w in workers):
+            assert time.monotonic() < deadline, "still ready 30 s after the broker went away"
+            time.sleep(0.5)
+        for w in workers:
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(f"{w.metrics_url}/readyz", timeout=2)
+            assert answer.value.code == 503 and "kafka: no broker connection" in json.load(answer.value)["why"]
+            assert w.alive()
     finally:
         stack.close()
