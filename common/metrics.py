@@ -46,32 +46,35 @@ READY = Gauge("prodcat_ready", "1 when the worker is consuming and its dependenc
 
 class Health:
     """Liveness = the loop is alive; readiness = assigned + dependencies reachable. Set by the worker loop
-    (assignment, checkpoints) and by its consumer's statistics (a broker connection)."""
+    (assignment, checkpoints, idle probes) and by its consumer's statistics (a broker connection)."""
 
     def __init__(self, worker: str):
         self.worker = worker
         self._ready = False
         self._why = "starting"
-        self._broker_down = ""  # why, while the consumer has no broker connection
+        self._unreachable: dict[str, str] = {}  # dependency → why, while it does not answer
         self.alive = True
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self._ready, self._why = ready, why
         READY.labels(self.worker).set(1 if self.ready else 0)
 
-    def set_broker_down(self, why: str) -> None:
-        """"" once the consumer is connected again. An idle worker whose broker went away has no batch to fail,
-        so without this it stayed ready through the outage."""
-        self._broker_down = why
+    def set_unreachable(self, dependency: str, why: str) -> None:
+        """`why` "" once it answers again. An idle worker has no batch to fail: without this, one whose broker or
+        Redis went away stayed ready through the outage."""
+        if why:
+            self._unreachable[dependency] = why
+        else:
+            self._unreachable.pop(dependency, None)
         READY.labels(self.worker).set(1 if self.ready else 0)
 
     @property
     def ready(self) -> bool:
-        return self._ready and not self._broker_down
+        return self._ready and not self._unreachable
 
     @property
     def why(self) -> str:
-        return self._broker_down or self._why
+        return next(iter(self._unreachable.values()), self._why)
 
 
 def serve(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -114,7 +117,7 @@ def record_kafka_stats(worker: str, stats_json: str, health: Health | None = Non
     if health is not None and brokers:
         up = any(b.get("state") == "UP" for b in brokers.values())
         states = ", ".join(f"{name} {b.get('state')}" for name, b in sorted(brokers.items())[:4])
-        health.set_broker_down("" if up else f"kafka: no broker connection ({states})")
+        health.set_unreachable("kafka", "" if up else f"kafka: no broker connection ({states})")
     for topic, t in stats.get("topics", {}).items():
         for pid, p in t.get("partitions", {}).items():
             if pid == "-1" or p.get("consumer_lag", -1) < 0:

@@ -28,6 +28,7 @@ from gpu_worker.sink import RedisSink, SinkWrite
 
 WORKER = "inference"
 log = logging.getLogger(WORKER)
+IDLE_PROBE_S = 5.0  # how often an idle worker PINGs Redis, for readiness
 
 
 @dataclass
@@ -52,6 +53,7 @@ class InferenceWorker:
         self.checkpoint = Checkpoint(self.consumer, self.deliveries, WORKER, health, probe=self.sink.ping)
         self.pending: BatchQueue[Message] = BatchQueue(settings.max_batch, settings.max_delay_ms / 1000.0)
         self.started: deque[StartedBatch] = deque()  # oldest first; at most two (one running, one queued)
+        self._next_idle_probe = 0.0
 
     def run(self) -> None:
         self.consumer.subscribe([self.settings.topic_tensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -71,6 +73,8 @@ class InferenceWorker:
                     # between batches (no batch mixes two models; a started one keeps its own), also under a
                     # backlog, where a batch is always running
                     self.model.maybe_reload()
+                    if not messages and not self.started:
+                        self._probe_sink_while_idle()
         finally:
             self._finish_all()  # SIGTERM: finish the batches, commit, then leave
             self.health.set_ready(False, "stopping")
@@ -121,6 +125,7 @@ class InferenceWorker:
                 # a producer's clock ahead of ours must not take the histogram's sum below zero
                 metrics.E2E_SECONDS.labels(WORKER).observe(max(0.0, done - res["event_time"]))
             metrics.EVENTS_OUT.labels(WORKER).inc(len(batch.messages))
+            self.health.set_unreachable("redis", "")  # written: it answers
             metrics.DUPLICATES.labels(WORKER).inc(written[0].duplicates if written else 0)
             metrics.SUPERSEDED.labels(WORKER).inc(written[0].superseded if written else 0)
         else:
@@ -137,6 +142,14 @@ class InferenceWorker:
         if written.rejected:
             self.deliveries.flush()
         return written
+
+    def _probe_sink_while_idle(self) -> None:
+        """With no batch to write, a Redis that went away would go unseen until the next batch fails: PING it every
+        IDLE_PROBE_S while idle, so readiness says so (as `/readyz` promises) before traffic comes."""
+        now = time.monotonic()
+        if now >= self._next_idle_probe:
+            self._next_idle_probe = now + IDLE_PROBE_S
+            self.health.set_unreachable("redis", "" if self.sink.ping() else "redis: no answer to PING")
 
     def _take_uncommitted(self) -> list[Message]:
         """Every started and pending record, oldest first; the worker then holds none."""

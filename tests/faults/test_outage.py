@@ -43,6 +43,23 @@ def test_redis_outage_pauses_and_recovers_without_restart(stack, tiny_model, sam
     assert inf.metric("prodcat_recovery_seconds_count") >= 1
 
 
+def test_an_idle_inference_worker_is_not_ready_while_redis_is_away_and_is_again_when_it_answers(stack, tiny_model):
+    """`/readyz` promises a reachable Redis, but only a failed checkpoint said otherwise: an idle worker stayed
+    ready through a Redis outage, and one started before Redis reported ready until its first batch failed."""
+    inf = stack.start_worker("inference", tiny_model)
+    stack.stop_redis()
+    deadline = time.monotonic() + 20
+    while inf.ready():
+        assert time.monotonic() < deadline, "still ready 20 s after Redis went away"
+        time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(f"{inf.metrics_url}/readyz", timeout=2)
+    assert "redis: no answer to PING" in json.load(answer.value)["why"]
+    stack.start_redis()
+    stack.wait_ready([inf], timeout_s=20)
+    assert inf.alive()
+
+
 BROKER_STALL_S = 8.0
 
 
