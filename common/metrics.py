@@ -57,7 +57,7 @@ class Health:
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self._ready, self._why = ready, why
-        READY.labels(self.worker).set(1 if self.ready else 0)
+        self._publish()
 
     def set_unreachable(self, dependency: str, why: str) -> None:
         """`why` "" once it answers again. An idle worker has no batch to fail: without this, one whose broker or
@@ -66,6 +66,9 @@ class Health:
             self._unreachable[dependency] = why
         else:
             self._unreachable.pop(dependency, None)
+        self._publish()
+
+    def _publish(self) -> None:
         READY.labels(self.worker).set(1 if self.ready else 0)
 
     @property
