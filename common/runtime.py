@@ -20,7 +20,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s",
     )
     for handler in logging.getLogger().handlers:
-        handler.addFilter(QuietRepeats())
+        handler.addFilter(QuietRepeats(handler.handle))
 
 
 # a duration inside a message ("after 0ms in state CONNECT") does not make it another message
@@ -28,44 +28,56 @@ _DURATION = re.compile(r"\d+(\.\d+)?\s?ms\b")
 
 
 class QuietRepeats(logging.Filter):
-    """At most `burst` records of a kind per `window_s`; the first one of the next window says how many were held
-    back. A kind is the record's `repeat_key` (`extra=`) when it has one, else its text. A broker that is down makes
-    librdkafka report every reconnect attempt, ~20 a second per client, and the error callback each again: 40
-    lines a second per worker for as long as the outage lasts; a malformed feed dead-letters as fast. Rare records
-    all pass; how many there were in a flood is in the metrics (`prodcat_retries_total`,
-    `prodcat_dead_letters_total`)."""
+    """At most `burst` records of a kind per `window_s`; when a window that held records back ends, one line says
+    how many (through `emit`, the handler's own `handle`), so an outage's count shows when it ends, not whenever
+    its next line happens to come. A kind is the record's `repeat_key` (`extra=`) when it has one, else its text.
+    A broker that is down makes librdkafka report every reconnect attempt, ~20 a second per client, and the error
+    callback each again: 40 lines a second per worker for as long as the outage lasts; a malformed feed
+    dead-letters as fast. Rare records all pass."""
 
     MAX_KINDS = 1000  # kinds remembered at once; the oldest are forgotten first
 
-    def __init__(self, burst: int = 5, window_s: float = 60.0, clock=time.monotonic):
+    def __init__(self, emit, burst: int = 5, window_s: float = 60.0):
         super().__init__()
         self.burst = burst
         self.window_s = window_s
-        self._clock = clock
-        self._kinds: dict = {}  # kind → [window start, records passed in it, records held back in it]
+        self._emit = emit
+        self._kinds: dict = {}  # kind → [window start, records passed in it, records held back in it, the last of those]
         self._lock = threading.Lock()  # handlers filter outside their own lock; lanes and reload threads log too
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "held_back_summary", False):
+            return True
         kind = getattr(record, "repeat_key", None) or (record.name, record.levelno, _DURATION.sub("…", record.getMessage()))
         with self._lock:
-            return self._admit(kind, record)
-
-    def _admit(self, kind, record: logging.LogRecord) -> bool:
-        now = self._clock()
-        seen = self._kinds.get(kind)
-        if seen is None or now - seen[0] >= self.window_s:
-            if seen is not None and seen[2]:
-                record.msg = f"{record.getMessage()} [{seen[2]} more like this held back in the {now - seen[0]:.0f} s before]"
-                record.args = ()
-            self._kinds.pop(kind, None)  # re-inserted last: the dict stays oldest first
-            self._kinds[kind] = seen = [now, 0, 0]
-            if len(self._kinds) > self.MAX_KINDS:
-                del self._kinds[next(iter(self._kinds))]
-        if seen[1] >= self.burst:
+            now = time.monotonic()
+            seen = self._kinds.get(kind)
+            if seen is None or now - seen[0] >= self.window_s:
+                self._kinds.pop(kind, None)  # re-inserted last: the dict stays oldest first
+                self._kinds[kind] = seen = [now, 0, 0, None]
+                if len(self._kinds) > self.MAX_KINDS:
+                    del self._kinds[next(iter(self._kinds))]
+            if seen[1] < self.burst:
+                seen[1] += 1
+                return True
             seen[2] += 1
+            seen[3] = record
+            if seen[2] == 1:  # the window's first record held back: its count is told when the window ends
+                timer = threading.Timer(seen[0] + self.window_s - now, self._tell_held_back, (kind, seen))
+                timer.daemon = True  # a count still pending at exit is lost with the process, not waited for
+                timer.start()
             return False
-        seen[1] += 1
-        return True
+
+    def _tell_held_back(self, kind, window: list) -> None:
+        with self._lock:
+            _, _, held, example = window
+            if self._kinds.get(kind) is window:
+                del self._kinds[kind]  # the next record of this kind starts a window of its own
+        summary = logging.LogRecord(example.name, example.levelno, example.pathname, example.lineno,
+                                    f"{held} more like this held back in the last {self.window_s:.0f} s: "
+                                    f"{example.getMessage()}", (), None)
+        summary.held_back_summary = True
+        self._emit(summary)
 
 
 # glibc mallopt() parameters (malloc.h); prctl() option (linux/prctl.h)
