@@ -84,14 +84,15 @@ def image_bytes_from_b64(data: str, policy: FetchPolicy) -> bytes:
         raise ProcessingError("BAD_BASE64", f"image_b64 is not valid base64: {e}") from None
 
 
-def fetch_image(url: str, policy: FetchPolicy) -> bytes:
+def fetch_image(url: str, policy: FetchPolicy, on_retry=None) -> bytes:
+    """The image's bytes, or a ProcessingError with its code. `on_retry`: see _fetch_http."""
     parsed, _ = _split(url)
     scheme = parsed.scheme.lower()
     if scheme not in policy.allowed_schemes:
         raise ProcessingError("URL_SCHEME", f"scheme {scheme or '(none)'!r} not allowed")
     if scheme == "file":
         return _read_file(urllib.parse.unquote(parsed.path), policy)
-    return _fetch_http(url, policy)
+    return _fetch_http(url, policy, on_retry)
 
 
 def _split(url: str) -> tuple[urllib.parse.SplitResult, int | None]:
@@ -189,12 +190,44 @@ def _connect_to(addresses: list[tuple[str, int]]):
     return create_connection
 
 
-def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
-    """`policy.timeout_s` bounds the whole fetch (connects, redirects, body), not each socket read: a server that
-    trickles a byte now and then would otherwise hold the worker, and the partition behind it, for as long as it likes."""
-    import http.client
+# An image host's passing trouble — 429 / 502 / 503 / 504, a refused or dropped connection — is tried again within
+# the fetch's own deadline (so a partition is held no longer than before): a CDN's blip dead-lettered the product,
+# to be replayed by hand. Waits: the server's Retry-After when it fits the deadline, else these.
+FETCH_ATTEMPTS = 3
+RETRY_WAITS_S = (0.1, 0.3)
+_RETRY_STATUSES = {429, 502, 503, 504}
 
+
+class _PassingTrouble(Exception):
+    def __init__(self, error: ProcessingError, retry_after: float | None = None):
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _fetch_http(url: str, policy: FetchPolicy, on_retry=None) -> bytes:
+    """`policy.timeout_s` bounds the whole fetch (connects, redirects, retries, body), not each socket read: a server
+    that trickles a byte now and then would otherwise hold the worker, and the partition behind it, for as long as
+    it likes. `on_retry()` is called before each further attempt (the worker counts them)."""
     deadline = time.monotonic() + policy.timeout_s
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return _fetch_http_once(url, policy, deadline)
+        except _PassingTrouble as trouble:
+            wait = trouble.retry_after if trouble.retry_after is not None else RETRY_WAITS_S[min(attempt, len(RETRY_WAITS_S)) - 1]
+            if attempt == FETCH_ATTEMPTS or time.monotonic() + wait >= deadline:
+                raise trouble.error from None
+        if on_retry is not None:
+            on_retry()
+        time.sleep(wait)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (its HTTP-date form is not worth a parse here: the default waits apply)."""
+    return float(value) if value and value.strip().isdigit() else None
+
+
+def _fetch_http_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
+    import http.client
 
     def time_left() -> float:
         left = deadline - time.monotonic()
@@ -231,7 +264,10 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
                     raise ProcessingError("URL_INVALID", f"bad redirect Location {location!r} from {url}: {e}") from None
                 continue
             if resp.status != 200:
-                raise ProcessingError("URL_FETCH_FAILED", f"HTTP {resp.status} from {url}")
+                error = ProcessingError("URL_FETCH_FAILED", f"HTTP {resp.status} from {url}")
+                if resp.status in _RETRY_STATUSES:
+                    raise _PassingTrouble(error, _retry_after(resp.getheader("Retry-After")))
+                raise error
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise ProcessingError("IMAGE_TOO_LARGE", f"Content-Length {length} over {policy.max_bytes}")
@@ -248,6 +284,9 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
             return b"".join(chunks)
         except (socket.timeout, TimeoutError):
             raise ProcessingError("URL_TIMEOUT", f"{host} did not deliver the image within {policy.timeout_s}s") from None
+        except (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead) as e:
+            # refused, reset, closed before or during the answer: a server restarting, a balancer dropping a node
+            raise _PassingTrouble(ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}")) from None
         except (OSError, http.client.HTTPException) as e:
             raise ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}") from None
         finally:

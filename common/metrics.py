@@ -17,7 +17,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EVENTS_IN = Counter("prodcat_events_in_total", "Records consumed from the input topic", ["worker"])
 EVENTS_OUT = Counter("prodcat_events_out_total", "Records fully processed (output delivered, offset committable)", ["worker"])
 DEAD_LETTERS = Counter("prodcat_dead_letters_total", "Records sent to the dead-letter topic", ["worker", "code"])
-RETRIES = Counter("prodcat_retries_total", "Dependency failures that were retried (broker, Redis)", ["worker", "kind"])
+RETRIES = Counter("prodcat_retries_total", "Dependency failures that were retried (broker, Redis, image hosts)", ["worker", "kind"])
 DUPLICATES = Counter("prodcat_duplicates_total", "Results rewritten for an input already processed (at-least-once redelivery)", ["worker"])
 SUPERSEDED = Counter("prodcat_results_superseded_total", "Results not written to Redis, whose hash holds the result of a "
                      "newer event of that product (out-of-order events; the result is on the output topic)", ["worker"])

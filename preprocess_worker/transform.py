@@ -11,11 +11,12 @@ from common.schemas import ProductEvent, TensorRecord
 from common.tokenize import Tokenizer
 
 
-def load_image(event: ProductEvent, policy: FetchPolicy) -> np.ndarray | None:
+def load_image(event: ProductEvent, policy: FetchPolicy, worker: str = "preprocess") -> np.ndarray | None:
     if event.image_b64:
         return decode_resize(image_bytes_from_b64(event.image_b64, policy), policy)
     if event.image_url:
-        return decode_resize(fetch_image(event.image_url, policy), policy)
+        retried = metrics.RETRIES.labels(worker, "image_fetch").inc  # an image host's passing trouble, tried again
+        return decode_resize(fetch_image(event.image_url, policy, retried), policy)
     return None
 
 
@@ -25,7 +26,7 @@ def preprocess(event: ProductEvent, tokenizer: Tokenizer, policy: FetchPolicy, e
     t0 = time.perf_counter()
     token_ids = tokenizer.encode(event.name)
     t1 = time.perf_counter()
-    image = load_image(event, policy)
+    image = load_image(event, policy, worker)
     t2 = time.perf_counter()
     metrics.STAGE_SECONDS.labels(worker, "tokenize").observe(t1 - t0)
     metrics.STAGE_SECONDS.labels(worker, "image").observe(t2 - t1)

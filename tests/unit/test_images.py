@@ -161,14 +161,38 @@ def test_host_allow_list():
     assert e.value.code == "URL_HOST_FORBIDDEN"
 
 
+_ASKED: dict[str, int] = {}  # the test server's requests so far, by path
+
+
 @pytest.fixture
 def http_server():
     body = _encode((400, 400))
+    asked = _ASKED
+    asked.clear()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             hops = {"/r1": "/r2", "/r2": "/r3", "/r3": "/r4", "/r4": "/img"}
-            if self.path in hops:
+            asked[self.path] = asked.get(self.path, 0) + 1
+            if self.path in ("/flaky", "/dropped") and asked[self.path] <= 2:  # passing trouble, then the photo
+                if self.path == "/dropped":
+                    self.close_connection = True  # closed without an answer: a balancer dropping a node
+                    return
+                self.send_response(503)
+                self.end_headers()
+            elif self.path in ("/flaky", "/dropped"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/busy":  # always 503, asking for a wait longer than the fetch may take
+                self.send_response(503)
+                self.send_header("Retry-After", "30")
+                self.end_headers()
+            elif self.path == "/down":
+                self.send_response(502)
+                self.end_headers()
+            elif self.path in hops:
                 self.send_response(302)
                 self.send_header("Location", hops[self.path])
                 self.end_headers()
@@ -234,6 +258,27 @@ def test_http_fetch_redirects_and_limits(http_server):
     assert e.value.code == "URL_TIMEOUT" and time.monotonic() - start < 2.5
 
 
+def test_an_image_hosts_passing_trouble_is_tried_again_within_the_fetch_deadline(http_server):
+    # a CDN's 503 or a dropped connection dead-lettered the product at once, to be replayed by hand
+    base, body = http_server
+    local = FetchPolicy(allow_private_addresses=True, timeout_s=2.0)
+    for path in ("/flaky", "/dropped"):  # two failures, then the photo: three attempts
+        retries = []
+        assert fetch_image(base + path, local, lambda: retries.append(1)) == body, path
+        assert len(retries) == 2, path
+    start = time.monotonic()
+    with pytest.raises(ProcessingError, match="HTTP 502") as e:
+        fetch_image(f"{base}/down", local)
+    assert e.value.code == "URL_FETCH_FAILED" and time.monotonic() - start < 1.5  # three attempts, 0.1 + 0.3 s apart
+    retries = []
+    with pytest.raises(ProcessingError, match="HTTP 503"):  # Retry-After 30 s is past the deadline: not waited for
+        fetch_image(f"{base}/busy", local, lambda: retries.append(1))
+    assert retries == []
+    with pytest.raises(ProcessingError, match="HTTP 404"):  # the photo is not there: asking again will not help
+        fetch_image(f"{base}/missing", local)
+    assert _ASKED["/missing"] == 1 and _ASKED["/down"] == 3
+
+
 def test_a_name_is_resolved_once_so_rebinding_cannot_reach_past_the_address_check(http_server, monkeypatch):
     """DNS rebinding: the name resolves to a public address for the check, to loopback for the connection. A
     resolver that answers so is stood in for here (no DNS server of ours can be put in front of the system's)."""
@@ -251,7 +296,9 @@ def test_a_name_is_resolved_once_so_rebinding_cannot_reach_past_the_address_chec
     monkeypatch.setattr(ipaddress.IPv4Address, "is_global", property(lambda a: not a.is_loopback))
     with pytest.raises(ProcessingError) as e:
         fetch_image(f"http://images.example.com:{port}/img", FetchPolicy(timeout_s=1.0))
-    assert e.value.code in ("URL_TIMEOUT", "URL_FETCH_FAILED")  # the checked address, which does not answer
+    # the checked address, which does not answer an HTTP request here; a retry resolves the name again and checks
+    # the answer again (loopback: refused). The server behind loopback is never asked
+    assert e.value.code in ("URL_TIMEOUT", "URL_FETCH_FAILED", "URL_HOST_FORBIDDEN") and "/img" not in _ASKED
 
 
 def test_a_stuck_name_lookup_is_bounded_by_the_fetch_timeout(monkeypatch):
