@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
 import os
@@ -29,6 +30,7 @@ import simplejpeg
 from PIL import Image
 
 from common.errors import ProcessingError
+from common.http_pool import ConnectionPool
 from common.orientation import ORIENTATION_TAG, jpeg_orientation, upright
 
 IMAGE_SIZE = 224
@@ -226,9 +228,13 @@ def _retry_after(value: str | None) -> float | None:
     return float(value) if value and value.strip().isdigit() else None
 
 
-def _fetch_http_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
-    import http.client
+_POOL = ConnectionPool()
+# refused, reset, closed before the answer: a kept connection the server closed while idle, else a server restarting
+# or a balancer dropping a node
+_DROPPED = (ConnectionError, http.client.RemoteDisconnected)
 
+
+def _fetch_http_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
     def time_left() -> float:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -242,18 +248,19 @@ def _fetch_http_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
         https = parsed.scheme.lower() == "https"
         port = port or (443 if https else 80)
         host = parsed.hostname or ""
-        conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        origin = (policy, https, host.lower(), port)
+        path = _percent_encoded(parsed.path or "/") + (f"?{_percent_encoded(parsed.query)}" if parsed.query else "")
+        conn, kept = _POOL.take(origin), False
         try:
-            conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
-        except http.client.InvalidURL as e:  # e.g. a space in the host name
-            raise ProcessingError("URL_INVALID", f"bad host in {url!r}: {e}") from None
-        try:
-            conn._create_connection = _connect_to(_check_host(host, port, policy, time_left()))
-            path = _percent_encoded(parsed.path or "/") + (f"?{_percent_encoded(parsed.query)}" if parsed.query else "")
-            conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
-            sock = conn.sock  # the response keeps reading it after getresponse() drops it from a closing connection
-            sock.settimeout(time_left())
-            resp = conn.getresponse()
+            resp = None
+            if conn is not None:
+                try:
+                    resp, sock = _get(conn, path, time_left())
+                except _DROPPED:  # closed while idle: a new connection, no attempt spent, nothing counted
+                    conn.close()
+            if resp is None:
+                conn = _connect(https, host, port, url, policy, time_left)
+                resp, sock = _get(conn, path, time_left())
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
@@ -268,30 +275,63 @@ def _fetch_http_once(url: str, policy: FetchPolicy, deadline: float) -> bytes:
                 if resp.status in _RETRY_STATUSES:
                     raise _PassingTrouble(error, _retry_after(resp.getheader("Retry-After")))
                 raise error
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise ProcessingError("IMAGE_TOO_LARGE", f"Content-Length {length} over {policy.max_bytes}")
-            chunks, size = [], 0
-            while size <= policy.max_bytes:
-                sock.settimeout(time_left())
-                chunk = resp.read1(min(1 << 16, policy.max_bytes + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            if size > policy.max_bytes:
-                raise ProcessingError("IMAGE_TOO_LARGE", f"body over {policy.max_bytes} bytes")
-            return b"".join(chunks)
+            body = _read_body(resp, sock, policy, time_left)
+            if not resp.will_close:
+                _POOL.give_back(origin, conn)
+                kept = True
+            return body
         except (socket.timeout, TimeoutError):
             raise ProcessingError("URL_TIMEOUT", f"{host} did not deliver the image within {policy.timeout_s}s") from None
-        except (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead) as e:
-            # refused, reset, closed before or during the answer: a server restarting, a balancer dropping a node
+        except (*_DROPPED, http.client.IncompleteRead) as e:  # passing trouble of the host's
             raise _PassingTrouble(ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}")) from None
         except (OSError, http.client.HTTPException) as e:
             raise ProcessingError("URL_FETCH_FAILED", f"cannot fetch {url}: {e}") from None
         finally:
-            conn.close()
+            if not kept and conn is not None:
+                conn.close()
     raise ProcessingError("URL_TOO_MANY_REDIRECTS", f"more than {policy.max_redirects} redirects")
+
+
+def _connect(https: bool, host: str, port: int, url: str, policy: FetchPolicy, time_left):
+    """A new connection, pinned to the addresses that passed the policy's check."""
+    conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    try:
+        conn = conn_cls(host, port, timeout=time_left())  # Host header, TLS name and certificate: the URL's host
+    except http.client.InvalidURL as e:  # e.g. a space in the host name
+        raise ProcessingError("URL_INVALID", f"bad host in {url!r}: {e}") from None
+    conn._create_connection = _connect_to(_check_host(host, port, policy, time_left()))
+    return conn
+
+
+def _get(conn, path: str, timeout: float):
+    """Sends the GET (connecting first when the connection is new) and reads the answer's head → (response, its
+    socket: the response keeps reading it after getresponse() drops it from a connection that will close)."""
+    if conn.sock is not None:  # a kept connection: the deadline applies to sending too
+        conn.sock.settimeout(timeout)
+    conn.request("GET", path, headers={"User-Agent": "prodcat-preprocess/1", "Accept": "image/*"})
+    sock = conn.sock
+    sock.settimeout(timeout)
+    return conn.getresponse(), sock
+
+
+def _read_body(resp, sock, policy: FetchPolicy, time_left) -> bytes:
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > policy.max_bytes:
+        raise ProcessingError("IMAGE_TOO_LARGE", f"Content-Length {length} over {policy.max_bytes}")
+    chunks, size = [], 0
+    while size <= policy.max_bytes:
+        sock.settimeout(time_left())
+        chunk = resp.read1(min(1 << 16, policy.max_bytes + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > policy.max_bytes:
+        raise ProcessingError("IMAGE_TOO_LARGE", f"body over {policy.max_bytes} bytes")
+    if resp.length:  # the server closed before its Content-Length: a cut photo would decode grey or not at all
+        raise http.client.IncompleteRead(b"", resp.length)
+    resp.close()  # read to its end: the connection may send its next request
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- decode

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -277,6 +277,70 @@ def test_an_image_hosts_passing_trouble_is_tried_again_within_the_fetch_deadline
     with pytest.raises(ProcessingError, match="HTTP 404"):  # the photo is not there: asking again will not help
         fetch_image(f"{base}/missing", local)
     assert _ASKED["/missing"] == 1 and _ASKED["/down"] == 3
+
+
+@pytest.fixture
+def keep_alive_server():
+    """HTTP/1.1 with keep-alive, counting the connections it is asked on."""
+    body = _encode((400, 400))
+    seen = {"connections": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            seen["connections"] += 1
+            super().setup()
+
+        def do_GET(self):
+            if self.path.startswith("/cut") and seen.setdefault(self.path, 0) < 2:  # half a photo, then gone, twice
+                seen[self.path] += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            # /once: kept open as far as the client knows, closed here — as a server does whose idle timeout is up
+            self.close_connection = self.path == "/once"
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", body, seen
+    server.shutdown()
+
+
+def test_photos_from_one_host_share_a_kept_connection_opened_under_the_same_policy(keep_alive_server):
+    # a new connection per photo paid a TCP (and TLS) handshake each time: over local HTTPS 2.2–2.7 ms of CPU a
+    # photo, 0.3–0.4 ms on a kept connection (see the history's session 23)
+    base, body, seen = keep_alive_server
+    local = FetchPolicy(allow_private_addresses=True, timeout_s=2.0)
+    for i in range(5):
+        assert fetch_image(f"{base}/img{i}.jpg", local) == body
+    assert seen["connections"] == 1
+    # opened under another policy: not reused — under the default one, loopback is refused as before
+    with pytest.raises(ProcessingError) as e:
+        fetch_image(f"{base}/img.jpg", FetchPolicy())
+    assert e.value.code == "URL_HOST_FORBIDDEN"
+    assert fetch_image(f"{base}/img.jpg", FetchPolicy(allow_private_addresses=True, timeout_s=3.0)) == body
+    assert seen["connections"] == 2
+    # a kept connection the server has closed meanwhile: a new one at once, not a retry of a troubled host
+    retries = []
+    assert fetch_image(f"{base}/once", local, lambda: retries.append(1)) == body
+    assert fetch_image(f"{base}/img.jpg", local, lambda: retries.append(1)) == body
+    assert retries == [] and seen["connections"] == 3
+    # a body cut short of its Content-Length is passing trouble, tried again (it was returned cut, and dead-lettered
+    # as undecodable or classified from a grey half)
+    assert fetch_image(f"{base}/cut.jpg", local, lambda: retries.append(1)) == body
+    assert retries == [1, 1]
 
 
 def test_a_name_is_resolved_once_so_rebinding_cannot_reach_past_the_address_check(http_server, monkeypatch):
