@@ -10,10 +10,12 @@ Redis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -98,11 +100,12 @@ def timed_loop(fn, items: list, seconds: float) -> float:
 # ------------------------------------------------------------------ stages alone
 
 
-def preprocess_rate(inputs, tokenizer: Tokenizer, seconds: float) -> float:
-    """The preprocess worker's per-event work on one core, items/s: decode event, read file, decode + resize,
-    tokenize, encode the tensor record."""
-    policy = FetchPolicy()
-    payloads = [schemas.encode_event(pid, name, image_url="file://" + path) for pid, name, path in inputs]
+def preprocess_rate(inputs, tokenizer: Tokenizer, seconds: float, image_base: str = "file://",
+                    policy: FetchPolicy = FetchPolicy()) -> float:
+    """The preprocess worker's per-event work on one core, items/s: decode event, read the photo (a file, or from
+    `image_base` over HTTP), decode + resize, tokenize, encode the tensor record."""
+    payloads = [schemas.encode_event(pid, name, image_url=image_base + (path if image_base == "file://" else "/" + os.path.basename(path)))
+                for pid, name, path in inputs]
 
     def one(payload: bytes) -> None:
         event = schemas.decode_event(payload)
@@ -116,10 +119,42 @@ def bench_preprocess(inputs, tokenizer: Tokenizer, seconds: float) -> dict:
         with open(path, "rb") as f:
             decode_resize(f.read())
 
+    with image_host(os.path.dirname(inputs[0][2])) as base:
+        over_http = preprocess_rate(inputs, tokenizer, seconds / 2, base, FetchPolicy(allow_private_addresses=True))
     return {
         "preprocess_items_per_s_per_core": preprocess_rate(inputs, tokenizer, seconds),
+        "preprocess_http_items_per_s_per_core": over_http,
         "decode_resize_per_s": round(timed_loop(decode_only, [p for _, _, p in inputs], seconds / 2), 1),
     }
+
+
+def serve_images(folder: str) -> None:
+    """An image host for the bench: `folder` over HTTP/1.1 with keep-alive; prints its port, serves until killed."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # head and body leave at once: Nagle + delayed ACK held a kept connection 40 ms
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=folder))
+    print(server.server_port, flush=True)
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def image_host(folder: str):
+    """serve_images in a process of its own (its CPU is not the worker's), as a CDN would be → its base URL."""
+    proc = subprocess.Popen([sys.executable, "-c", f"from prodcat.bench import serve_images; serve_images({folder!r})"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def bench_tokenize(inputs, tokenizer: Tokenizer, data_dir: str, seconds: float) -> dict:
@@ -581,6 +616,7 @@ def markdown(fig: dict) -> str:
     cpu = f"{machine['cpu_count']} × {machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})" if machine.get("cpu_model") else None
     rows = [("machine: cores × CPU (SIMD)", cpu, ""),
             ("preprocess, 1 core (800×800 JPEG → record)", fig.get("preprocess_items_per_s_per_core"), "items/s"),
+            ("preprocess, 1 core, photos from an HTTP/1.1 image host (another process)", fig.get("preprocess_http_items_per_s_per_core"), "items/s"),
             ("decode + resize alone, 1 core", fig.get("decode_resize_per_s"), "images/s"),
             ("tokenize Latin names / Korean titles", f"{fig.get('tokenize_latin_per_s')} / {fig.get('tokenize_korean_per_s')}", "names/s"),
             *[(f"inference batch {b} ({fig.get('inference_provider')} {fig.get('inference_precision')}, {fig.get('inference_threads')} thr)",
@@ -665,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
                  "settings": {k: v for k, v in vars(args).items() if k != "run"}}
     if "preprocess" in stages:
         fig.update(bench_preprocess(inputs, tokenizer, args.seconds))
-        log(f"preprocess: {fig['preprocess_items_per_s_per_core']} items/s on one core")
+        log(f"preprocess: {fig['preprocess_items_per_s_per_core']} items/s on one core ({fig['preprocess_http_items_per_s_per_core']} with photos over HTTP)")
     if "tokenize" in stages:
         fig.update(bench_tokenize(inputs, tokenizer, args.data_dir, args.seconds))
     records = preprocessed_records(inputs[:256], tokenizer) if {"inference", "broker"} & set(stages) else []
