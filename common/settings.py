@@ -66,12 +66,26 @@ class Settings:
     image_policy: FetchPolicy = field(default_factory=FetchPolicy)
     kafka: tuple[tuple[str, str], ...] = ()  # extra librdkafka options, passed through
 
+    def __post_init__(self) -> None:
+        """Settings made in code (a test, the bench, a stack's workers) get the range checks env vars and flags get:
+        `max_batch=0` failed deep in a worker at start, `max_delay_ms=nan` never released a batch."""
+        numbers = {name: getattr(self, name) for name in _SIMPLE}
+        numbers.update({f"image_{name}": getattr(self.image_policy, name) for name in _POLICY})
+        for name, value in numbers.items():
+            default = _DEFAULTS[name]
+            if isinstance(default, bool) or not isinstance(default, (int, float)):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(default, int) and not isinstance(value, int):
+                raise ValueError(f"setting {name} wants {'an integer' if isinstance(default, int) else 'a number'}, got {value!r}")
+            parse_number(value, type(default), *_bounds(name), what=f"setting {name}")
+
     def kafka_options(self) -> dict[str, str | bool]:
         return {k: v.lower() == "true" if k in KAFKA_CLIENT_BOOLS else v for k, v in self.kafka}
 
 
 _SIMPLE = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("image_policy", "kafka")}
 _POLICY = {f.name: f for f in dataclasses.fields(FetchPolicy)}
+_DEFAULTS = {**{name: f.default for name, f in _SIMPLE.items()}, **{f"image_{name}": f.default for name, f in _POLICY.items()}}
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -82,17 +96,23 @@ _AT_LEAST_ONE = {"max_batch", "poll_batch", "max_attempts", "session_timeout_ms"
 _MOST = {"metrics_port": 65535}
 
 
-def parse_number(text: str, kind=int, low=0, high=None):
-    """`text` as a finite `kind` in low..high, else a ValueError saying what was wanted — for settings and for the
-    commands' flags alike (a typo must not become a traceback, a division by zero, or an empty stage)."""
+def parse_number(text, kind=int, low=0, high=None, what: str = ""):
+    """`text` as a finite `kind` in low..high, else a ValueError saying what was wanted (after `what`, when given)
+    — for settings and for the commands' flags alike (a typo must not become a traceback, a division by zero, or
+    an empty stage)."""
     try:
         value = kind(text)
     except ValueError:
         value = None
     if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
         span = f"{low}–{high}" if high is not None else f"≥ {low}"
-        raise ValueError(f"wants {'an integer' if kind is int else 'a number'} {span}, got {text!r}")
+        raise ValueError(f"{what + ' ' if what else ''}wants {'an integer' if kind is int else 'a number'} {span}, got {text!r}")
     return value
+
+
+def _bounds(name: str) -> tuple[int, int | None]:
+    """A numeric setting's range: never negative; some never 0; the metrics port a TCP port."""
+    return (1 if name in _AT_LEAST_ONE else 0), _MOST.get(name)
 
 
 def number(kind=int, low=1):
@@ -125,7 +145,7 @@ def _read(flags: dict, env, flag: str, env_var: str, default):
         return tuple(x.strip() for x in raw.split(",") if x.strip())
     if isinstance(default, (int, float)):
         try:
-            return parse_number(raw, type(default), 1 if flag in _AT_LEAST_ONE else 0, _MOST.get(flag))
+            return parse_number(raw, type(default), *_bounds(flag))
         except ValueError as e:
             raise SystemExit(f"{source} {e}") from None
     return raw

@@ -86,3 +86,19 @@ def test_cuda_options_from_env_or_flag_reach_a_worker_process_intact(tmp_path):
     assert s.cuda_options == ("a=1", "b=2")
     env = LocalStack(workdir=str(tmp_path)).worker_env("models/x", 9999, cuda_options=s.cuda_options)  # what a worker process reads
     assert env["PRODCAT_CUDA_OPTIONS"] == "a=1,b=2" and settings.load(env=env).cuda_options == ("a=1", "b=2")
+
+
+def test_settings_made_in_code_get_the_checks_env_vars_and_flags_get():
+    # a test, the bench or a stack builds its workers' settings in code: max_batch=0 failed deep in a worker at
+    # start, max_delay_ms=nan never released a batch, an image limit of 0 refused every photo
+    from common.images import FetchPolicy
+
+    for overrides, message in (({"max_batch": 0}, "setting max_batch wants an integer ≥ 1, got 0"),
+                               ({"max_delay_ms": float("nan")}, "setting max_delay_ms wants a number ≥ 0, got nan"),
+                               ({"metrics_port": 70_000}, "setting metrics_port wants an integer 0–65535, got 70000"),
+                               ({"poll_batch": "256"}, "setting poll_batch wants an integer, got '256'"),
+                               ({"image_policy": FetchPolicy(max_bytes=0)}, "setting image_max_bytes wants an integer ≥ 1, got 0")):
+        with pytest.raises(ValueError) as e:
+            settings.load(env={}, **overrides)
+        assert str(e.value) == message
+    assert settings.load(env={}, max_delay_ms=0, metrics_port=0).max_delay_ms == 0  # an int for a float is fine
