@@ -77,7 +77,10 @@ class Settings:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(default, int) and not isinstance(value, int):
                 raise ValueError(f"setting {name} wants {'an integer' if isinstance(default, int) else 'a number'}, got {value!r}")
-            parse_number(value, type(default), *_bounds(name), what=f"setting {name}")
+            try:
+                parse_number(value, type(default), *_bounds(name))
+            except ValueError as e:
+                raise ValueError(f"setting {name} {e}") from None
 
     def kafka_options(self) -> dict[str, str | bool]:
         return {k: v.lower() == "true" if k in KAFKA_CLIENT_BOOLS else v for k, v in self.kafka}
@@ -96,17 +99,16 @@ _AT_LEAST_ONE = {"max_batch", "poll_batch", "max_attempts", "session_timeout_ms"
 _MOST = {"metrics_port": 65535}
 
 
-def parse_number(text, kind=int, low=0, high=None, what: str = ""):
-    """`text` as a finite `kind` in low..high, else a ValueError saying what was wanted (after `what`, when given)
-    — for settings and for the commands' flags alike (a typo must not become a traceback, a division by zero, or
-    an empty stage)."""
+def parse_number(text, kind=int, low=0, high=None):
+    """`text` as a finite `kind` in low..high, else a ValueError saying what was wanted — for settings and for the
+    commands' flags alike (a typo must not become a traceback, a division by zero, or an empty stage)."""
     try:
         value = kind(text)
     except ValueError:
         value = None
     if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
         span = f"{low}–{high}" if high is not None else f"≥ {low}"
-        raise ValueError(f"{what + ' ' if what else ''}wants {'an integer' if kind is int else 'a number'} {span}, got {text!r}")
+        raise ValueError(f"wants {'an integer' if kind is int else 'a number'} {span}, got {text!r}")
     return value
 
 

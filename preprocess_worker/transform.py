@@ -15,7 +15,9 @@ def load_image(event: ProductEvent, policy: FetchPolicy, worker: str = "preproce
     if event.image_b64:
         return decode_resize(image_bytes_from_b64(event.image_b64, policy), policy)
     if event.image_url:
-        retried = metrics.RETRIES.labels(worker, "image_fetch").inc  # an image host's passing trouble, tried again
+        def retried() -> None:  # an image host's passing trouble, tried again; rare, so the label is looked up then
+            metrics.RETRIES.labels(worker, "image_fetch").inc()
+
         return decode_resize(fetch_image(event.image_url, policy, retried), policy)
     return None
 

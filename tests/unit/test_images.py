@@ -442,3 +442,16 @@ def test_a_broken_orientation_tag_is_ignored_as_browsers_ignore_it(sample_jpegs)
     ifd_offset = data.index(b"Exif\x00\x00") + 6 + 4  # after the TIFF header's byte order and 42
     data[ifd_offset : ifd_offset + 4] = b"\x7f\xff\xff\xff"  # IFD0 far past the end of the block
     assert np.abs(decode_resize(bytes(data)).astype(int) - untagged).mean() < 1
+
+
+def test_the_preprocess_worker_counts_an_image_hosts_passing_trouble_in_its_retries(http_server):
+    from common import metrics, schemas
+    from common.tokenize import Tokenizer, TokenizerConfig
+    from preprocess_worker.transform import preprocess
+
+    base, _ = http_server
+    retries = metrics.RETRIES.labels("preprocess", "image_fetch")
+    before = retries._value.get()
+    event = schemas.decode_event(schemas.encode_event("p1", "Blue Shirt", image_url=f"{base}/flaky"))
+    record = preprocess(event, Tokenizer(TokenizerConfig(vocab=("blue", "shirt"))), FetchPolicy(allow_private_addresses=True), 0.0)
+    assert record.image.shape == (224, 224, 3) and retries._value.get() - before == 2  # two 503s, then the photo
